@@ -1,0 +1,104 @@
+"""Lightning callbacks: temperature schedules and image grids."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import WandbLogger
+from torchvision.utils import make_grid, save_image
+
+from catvae.relaxations import check_temperature
+
+
+class TemperatureSchedule(pl.Callback):
+    """Sets ``pl_module.estimator.tau`` from the global step before every training batch and logs
+    it as ``tau``. Estimators without a temperature are left alone (nothing is logged).
+
+    Subclasses define :meth:`value`; the step comes from the trainer, never from ``batch_idx``
+    (which restarts every epoch), so a resumed run continues the same curve.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def value(self, step: int) -> float | None:
+        """Temperature at global step ``step``; None keeps the estimator's own value."""
+        raise NotImplementedError
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        estimator = pl_module.estimator
+        if not hasattr(estimator, "tau"):
+            return
+        tau = self.value(trainer.global_step)
+        if tau is not None:
+            estimator.tau = tau
+        pl_module.log("tau", float(estimator.tau), on_step=True, on_epoch=False)
+
+
+class ConstantTemperature(TemperatureSchedule):
+    """tau stays at the estimator's configured value (``estimator.tau``)."""
+
+    def __init__(self, name: str = "constant"):
+        super().__init__(name)
+
+    def value(self, step: int) -> float | None:
+        return None
+
+
+class JangExponentialTemperature(TemperatureSchedule):
+    """Jang et al. (2017, Section 4.2): tau = max(tau_min, tau0 * exp(-r t)), with t the global step
+    rounded down to a multiple of ``every`` (the temperature is recomputed every N steps)."""
+
+    def __init__(self, tau0: float = 1.0, tau_min: float = 0.5, rate: float = 1e-4, every: int = 1000,
+                 name: str = "jang_exp"):
+        super().__init__(name)
+        check_temperature(tau0, "schedule.tau0")
+        check_temperature(tau_min, "schedule.tau_min")
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
+            raise ValueError(f"schedule.rate must be a finite number >= 0, got {rate!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"schedule.every must be an integer >= 1, got {every!r}")
+        self.tau0, self.tau_min, self.rate, self.every = float(tau0), float(tau_min), float(rate), every
+
+    def value(self, step: int) -> float:
+        t = (step // self.every) * self.every
+        return max(self.tau_min, self.tau0 * math.exp(-self.rate * t))
+
+
+class ImageGrids(pl.Callback):
+    """After each validation epoch: a grid of validation images beside their reconstructions, and a
+    grid of prior samples (mean images), saved as PNG under ``<output_dir>/images/`` and sent to
+    every WandbLogger as ``val/reconstructions`` and ``val/prior_samples``."""
+
+    N_ROW = 8
+
+    def __init__(self, output_dir: str, n_images: int = 32, every_n_epochs: int = 1):
+        if n_images < 1 or every_n_epochs < 1:
+            raise ValueError(f"callbacks.image_grids: n_images and every_n_epochs must be >= 1, "
+                             f"got {n_images} and {every_n_epochs}")
+        self.dir = Path(output_dir) / "images"
+        self.n_images, self.every_n_epochs = n_images, every_n_epochs
+        self.images: torch.Tensor | None = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0 and self.images is None:
+            self.images = batch[0][: self.n_images].detach()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.images is None or trainer.current_epoch % self.every_n_epochs:
+            return
+        images = self.images.to(pl_module.device)
+        grids = {
+            "reconstructions": make_grid(torch.cat([images, pl_module.reconstruct(images)]).float().cpu(),
+                                         nrow=self.N_ROW, pad_value=0.5),
+            "prior_samples": make_grid(pl_module.sample_prior(len(images)).float().cpu(), nrow=self.N_ROW, pad_value=0.5),
+        }
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for kind, grid in grids.items():
+            save_image(grid, self.dir / f"{kind}_epoch{trainer.current_epoch:03d}.png")
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_image(key=f"val/{kind}", images=[grid], step=trainer.global_step)

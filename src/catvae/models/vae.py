@@ -1,0 +1,120 @@
+"""The categorical VAE of Jang et al. (2017, Section 4.2) as a LightningModule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from catvae.estimators import Estimator
+from catvae.evaluation import importance_weighted_nll
+from catvae.models.networks import mlp
+from catvae.relaxations import kl_to_uniform, sample_categorical
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+class CategoricalVAE(pl.LightningModule):
+    """VAE with N categorical latents of K classes and a Bernoulli likelihood.
+
+    q(z|x) = prod_n Cat(z_n; softmax(enc(x)_n)),  p(z) = prod_n Uniform(K),  p(x|z) = Bernoulli(sigmoid(dec(z))).
+    Encoder D-h_1-...-h_L-(N*K) and mirrored decoder (N*K)-h_L-...-h_1-D, ReLU between layers.
+
+    Training minimises the negative ELBO  E_q[-log p(x|z)] + KL(q(z|x) || p(z)): the KL is analytic,
+    and the gradient of the expectation comes from the held :class:`Estimator`, whichever it is.
+    Validation and test use hard one-hot samples only.
+    """
+
+    def __init__(self, estimator: Estimator, optimizer: OptimizerFactory, image_shape: Sequence[int],
+                 n_vars: int = 20, n_classes: int = 10, hidden_sizes: Sequence[int] = (512, 256),
+                 iw_samples: int = 1000, iw_chunk_size: int = 100):
+        super().__init__()
+        for key, value, minimum in (("model.n_vars", n_vars, 1), ("model.n_classes", n_classes, 2),
+                                    ("model.iw_samples", iw_samples, 1), ("model.iw_chunk_size", iw_chunk_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+        hidden_sizes, image_shape = list(hidden_sizes), [int(s) for s in image_shape]  # plain lists: checkpointable
+        if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden_sizes):
+            raise ValueError(f"model.hidden_sizes must be positive integers, got {hidden_sizes!r}")
+        self.save_hyperparameters(ignore=["estimator", "optimizer"])
+        self.estimator = estimator
+        self.optimizer_factory = optimizer
+        self.image_shape = tuple(image_shape)
+        self.n_vars, self.n_classes = n_vars, n_classes
+        self.iw_samples, self.iw_chunk_size = iw_samples, iw_chunk_size
+        input_dim, latent_dim = math.prod(self.image_shape), n_vars * n_classes
+        self.encoder_body = mlp([input_dim, *hidden_sizes], final_activation=True)
+        self.to_logits = torch.nn.Linear(hidden_sizes[-1] if hidden_sizes else input_dim, latent_dim)
+        self.decoder = mlp([latent_dim, *reversed(hidden_sizes), input_dim])
+
+    # ----- the model -----
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, D) -> (logits (B, N, K), features (B, H)); features are the estimator's context."""
+        features = self.encoder_body(x)  # (B, H)
+        logits = self.to_logits(features).view(-1, self.n_vars, self.n_classes)  # (B, N, K)
+        return logits, features
+
+    def decode(self, z: Tensor) -> Tensor:
+        """z (..., B, N, K) -> Bernoulli logits of x (..., B, D)."""
+        return self.decoder(z.flatten(-2))
+
+    def reconstruction_nll(self, x: Tensor, z: Tensor) -> Tensor:
+        """-log p(x|z) = sum_d BCE(dec(z)_d, x_d) for x (B, D), z (..., B, N, K) -> (..., B)."""
+        x_logits = self.decode(z)  # (..., B, D)
+        return F.binary_cross_entropy_with_logits(x_logits, x.expand_as(x_logits), reduction="none").sum(-1)
+
+    def log_prior(self) -> float:
+        """log p(z) = -N log K for every one-hot z under the uniform prior."""
+        return -self.n_vars * math.log(self.n_classes)
+
+    @staticmethod
+    def flatten(batch: tuple[Tensor, Tensor]) -> Tensor:
+        return batch[0].flatten(1)  # (B, D)
+
+    # ----- Lightning hooks -----
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x = self.flatten(batch)
+        logits, features = self.encode(x)
+        estimate = self.estimator(logits, lambda z: self.reconstruction_nll(x, z), context=features)
+        kl = kl_to_uniform(logits)  # (B,)
+        self.log("train/loss", (estimate.loss.detach() + kl.detach()).mean(), on_step=True, on_epoch=False)
+        return (estimate.surrogate + kl).mean()
+
+    def _hard_sample_nelbo(self, x: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """One-sample negative ELBO with a hard one-hot z ~ q(z|x): (recon (B,), kl (B,))."""
+        return self.reconstruction_nll(x, sample_categorical(logits)), kl_to_uniform(logits)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x = self.flatten(batch)
+        recon, kl = self._hard_sample_nelbo(x, self.encode(x)[0])
+        self.log_dict({"val/nelbo": (recon + kl).mean(), "val/recon": recon.mean(), "val/kl": kl.mean()},
+                      on_epoch=True, prog_bar=False)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x = self.flatten(batch)
+        logits = self.encode(x)[0]
+        recon, kl = self._hard_sample_nelbo(x, logits)
+        nll_iw = importance_weighted_nll(
+            logits, lambda z: self.log_prior() - self.reconstruction_nll(x, z), self.iw_samples, self.iw_chunk_size)
+        self.log_dict({"test/nelbo": (recon + kl).mean(), "test/recon": recon.mean(), "test/kl": kl.mean(),
+                       "test/nll_iw": nll_iw.mean()}, on_epoch=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(self.parameters())
+
+    # ----- pictures -----
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor) -> Tensor:
+        """Mean images E[x | z] for one hard z ~ q(z|x): (B, C, H, W) -> (B, C, H, W) in [0, 1]."""
+        x = images.flatten(1)
+        return torch.sigmoid(self.decode(sample_categorical(self.encode(x)[0]))).view(images.shape)
+
+    @torch.no_grad()
+    def sample_prior(self, n: int) -> Tensor:
+        """Mean images E[x | z] for n draws z ~ p(z) (uniform): (n, C, H, W) in [0, 1]."""
+        logits = torch.zeros(n, self.n_vars, self.n_classes, device=self.device)
+        return torch.sigmoid(self.decode(sample_categorical(logits))).view(n, *self.image_shape)

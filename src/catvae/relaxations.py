@@ -1,0 +1,115 @@
+"""Gumbel noise, categorical sampling and the Gumbel-Softmax relaxation, as pure functions.
+
+Everything here is numerically safe for the inputs that break naive code:
+masked classes (``-inf`` logits), huge finite logits, float16/bfloat16 logits, and a uniform
+draw of exactly 0. Noise and softmaxes are computed in float32 and cast back to the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def check_temperature(tau: float | Tensor, name: str = "tau") -> None:
+    """Raise ``ValueError`` unless ``tau`` is a positive finite number.
+
+    Tensors are not inspected (that would force a device-to-host sync); they are the caller's
+    responsibility, e.g. a schedule that already validated the values it produces.
+    """
+    if isinstance(tau, Tensor):
+        return
+    if isinstance(tau, bool) or not isinstance(tau, Real) or not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"{name} must be a positive finite number (0 < {name} < inf), got {tau!r}")
+
+
+def gumbel_noise(shape: torch.Size | tuple[int, ...], device: torch.device | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """Standard Gumbel(0, 1) noise in float32: g = -log(-log u), u ~ U[0, 1).
+
+    ``u`` is clamped to the smallest positive float32 so that a draw of exactly 0 gives a finite
+    g = -log(-log(tiny)) ~ -4.47 instead of -inf; u < 1 always, so -log u > 0 and g < inf.
+    """
+    u = torch.rand(shape, device=device, dtype=torch.float32, generator=generator)
+    tiny = torch.finfo(torch.float32).tiny
+    return -torch.log(-torch.log(u.clamp_min(tiny)))
+
+
+def perturbed_logits(logits: Tensor, sample_shape: tuple[int, ...] = (),
+                     generator: torch.Generator | None = None) -> Tensor:
+    """logits + Gumbel noise in float32, with extra leading ``sample_shape`` dims: (*S, ..., K).
+
+    Masked classes stay at -inf (``-inf + g = -inf``), so they are never selected.
+    """
+    shape = tuple(sample_shape) + tuple(logits.shape)
+    return logits.float() + gumbel_noise(shape, logits.device, generator)  # (*S, ..., K)
+
+
+def one_hot_argmax(scores: Tensor, dim: int = -1) -> Tensor:
+    """One-hot vector of the argmax of ``scores`` along ``dim`` (same shape and dtype as scores)."""
+    index = scores.argmax(dim=dim, keepdim=True)
+    return torch.zeros_like(scores).scatter_(dim, index, 1.0)
+
+
+def sample_categorical(logits: Tensor, sample_shape: tuple[int, ...] = (),
+                       generator: torch.Generator | None = None) -> Tensor:
+    """One-hot samples z ~ Cat(softmax(logits)) by the Gumbel-max trick (Jang et al. 2017, Eq. 1):
+    z = one_hot(argmax_k (logits_k + g_k)). Shape (*sample_shape, ..., K), dtype of ``logits``,
+    no gradient.
+    """
+    with torch.no_grad():
+        return one_hot_argmax(perturbed_logits(logits, sample_shape, generator)).to(logits.dtype)
+
+
+def straight_through(hard: Tensor, soft: Tensor) -> Tensor:
+    """Value of ``hard`` in the forward pass, gradient of ``soft`` in the backward pass."""
+    return hard + (soft - soft.detach())
+
+
+def gumbel_softmax(logits: Tensor, tau: float | Tensor = 1.0, hard: bool = False, dim: int = -1,
+                   sample_shape: tuple[int, ...] = (),
+                   generator: torch.Generator | None = None) -> Tensor:
+    """Gumbel-Softmax sample (Jang et al. 2017, Eq. 2): y_k = softmax((logits_k + g_k) / tau).
+
+    Mirrors ``torch.nn.functional.gumbel_softmax(logits, tau, hard, dim=dim)``. With ``hard=True``
+    the forward value is one_hot(argmax y) and the gradient is that of the soft y (Straight-Through
+    Gumbel-Softmax, Section 2.2). Optional ``sample_shape`` prepends independent sample dims.
+    Safe for -inf (masked) classes, huge logits, low-precision dtypes and a uniform draw of 0;
+    every class masked in one distribution is an invalid input and gives NaN.
+    """
+    check_temperature(tau)
+    if dim != -1:
+        moved = gumbel_softmax(logits.movedim(dim, -1), tau, hard, -1, sample_shape, generator)
+        return moved.movedim(-1, dim)
+    y_soft = F.softmax(perturbed_logits(logits, sample_shape, generator) / tau, dim=-1)
+    y = straight_through(one_hot_argmax(y_soft.detach()), y_soft) if hard else y_soft
+    return y.to(logits.dtype)
+
+
+def categorical_log_prob(logits: Tensor, z: Tensor) -> Tensor:
+    """log q(z) = sum_n log softmax(logits_n)[k_n] for one-hot z (..., N, K) -> (...).
+
+    Uses a gather of the selected class, never ``z * log_softmax``, so masked classes
+    (log-prob -inf, z = 0) do not produce 0 * -inf = NaN. Broadcasts logits over leading sample
+    dims of z.
+    """
+    log_p = F.log_softmax(logits.float(), dim=-1).expand(z.shape)  # (..., N, K)
+    selected = log_p.gather(-1, z.argmax(dim=-1, keepdim=True)).squeeze(-1)  # (..., N)
+    return selected.sum(dim=-1)  # (...)
+
+
+def kl_to_uniform(logits: Tensor) -> Tensor:
+    """Analytic KL(q || Uniform(K)) = sum_n sum_k q_nk (log q_nk + log K) for logits (..., N, K) -> (...).
+
+    Classes with q = 0 (masked or underflowed) contribute 0 (0 log 0 = 0), with a zero, not NaN,
+    gradient: log q is replaced by 0 there before the product.
+    """
+    log_q = F.log_softmax(logits.float(), dim=-1)  # (..., N, K)
+    q = log_q.exp()
+    log_q = torch.where(q > 0, log_q, torch.zeros_like(log_q))
+    neg_entropy = (q * log_q).sum(dim=(-1, -2))  # (...)
+    return neg_entropy + logits.shape[-2] * math.log(logits.shape[-1])
