@@ -85,7 +85,11 @@ def gumbel_softmax(logits: Tensor, tau: float | Tensor = 1.0, hard: bool = False
     if dim != -1:
         moved = gumbel_softmax(logits.movedim(dim, -1), tau, hard, -1, sample_shape, generator)
         return moved.movedim(-1, dim)
-    y_soft = F.softmax(perturbed_logits(logits, sample_shape, generator) / tau, dim=-1)
+    scores = perturbed_logits(logits, sample_shape, generator)  # (*S, ..., K)
+    # Shift by the (finite for valid input) max before dividing by tau: (l + g) / tau alone overflows
+    # for huge logits or small tau. Softmax is shift-invariant, so value and gradient are unchanged.
+    scores = scores - scores.amax(dim=-1, keepdim=True).detach()
+    y_soft = F.softmax(scores / tau, dim=-1)
     y = straight_through(one_hot_argmax(y_soft.detach()), y_soft) if hard else y_soft
     return y.to(logits.dtype)
 

@@ -1,0 +1,102 @@
+"""Every YAML in conf/ composes and instantiates; bad values are rejected before training."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+
+from catvae.run import run
+from conftest import CONF_DIR, FAST, compose_config
+
+GROUPS = ["data", "model", "estimator", "schedule", "callbacks", "logger", "trainer"]
+OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
+EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def build_all(cfg, with_trainer: bool = True):
+    """Instantiate every group as run() does, without fitting."""
+    datamodule = instantiate(cfg.data)
+    estimator = instantiate(cfg.estimator)
+    model = instantiate(cfg.model, estimator=estimator, image_shape=list(datamodule.image_shape))
+    schedule = instantiate(cfg.schedule)
+    callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values()]
+    loggers = [instantiate(node) for node in (cfg.logger or {}).values()]
+    if with_trainer:
+        instantiate(cfg.trainer, callbacks=callbacks + [schedule], logger=loggers or False)
+    return datamodule, estimator, model
+
+
+@pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_group_option_instantiates(group, option, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = compose_config([f"{group}={option}"], tmp_path)
+    needs_gpu = cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available()  # CI has no GPU
+    _, estimator, _ = build_all(cfg, with_trainer=not needs_gpu)
+    if group == "estimator":
+        assert estimator.name == option == cfg.estimator.name
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_instantiates(experiment, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = compose_config([f"experiment={experiment}"], tmp_path)
+    assert cfg.experiment_name == experiment
+    build_all(cfg)
+
+
+def test_jang2017_vae_cat_is_the_full_protocol(tmp_path):
+    cfg = compose_config(["experiment=jang2017_vae_cat", "estimator=gumbel_softmax"], tmp_path)
+    assert (cfg.trainer.max_epochs, cfg.data.batch_size, cfg.data.binarization) == (100, 100, "fixed")
+    assert (cfg.model.n_vars, cfg.model.n_classes, cfg.model.iw_samples) == (20, 10, 1000)
+    assert cfg.model.optimizer._target_ == "torch.optim.Adam" and cfg.model.optimizer.lr == 1e-3
+    schedule = instantiate(cfg.schedule)
+    assert schedule.value(0) == 1.0 and schedule.value(999) == 1.0
+    assert schedule.value(1000) == pytest.approx(math.exp(-0.1))
+    assert schedule.value(50_000) == 0.5
+
+
+def test_unknown_group_option_keeps_hydras_message_listing_the_options():
+    with pytest.raises(ConfigCompositionException, match="Could not find 'estimator/gumbel'") as info:
+        compose_config(["estimator=gumbel"])
+    assert "gumbel_softmax" in str(info.value) and "reinforce" in str(info.value)
+
+
+BAD_INPUTS = [
+    (["estimator=gumbel_softmax", "estimator.tau=0"], r"estimator.tau must be a positive finite number .* got 0"),
+    (["estimator=st_gumbel_softmax", "estimator.tau=-1.5"], r"estimator.tau must be a positive finite number .* got -1.5"),
+    (["estimator=gumbel_softmax", "estimator.tau=inf"], r"estimator.tau must be a positive finite number .* got inf"),
+    (["estimator=gumbel_softmax", "estimator.tau=nan"], r"estimator.tau must be a positive finite number .* got nan"),
+    (["schedule=jang_exp", "schedule.tau_min=0"], r"schedule.tau_min must be a positive finite number .* got 0"),
+    (["schedule=jang_exp", "schedule.rate=-1e-4"], r"schedule.rate must be a finite number >= 0, got -0.0001"),
+    (["schedule=jang_exp", "schedule.every=0"], r"schedule.every must be an integer >= 1, got 0"),
+    (["model.n_vars=0"], r"model.n_vars must be an integer >= 1, got 0"),
+    (["model.n_classes=1"], r"model.n_classes must be an integer >= 2, got 1"),
+    (["model.hidden_sizes=[32,0]"], r"model.hidden_sizes must be positive integers, got \[32, 0\]"),
+    (["model.iw_samples=0"], r"model.iw_samples must be an integer >= 1, got 0"),
+    (["data.binarization=otsu"], r"data.binarization='otsu' is not allowed; choose one of"),
+    (["data.batch_size=0"], r"data.batch_size must be an integer >= 1, got 0"),
+    (["estimator=reinforce", "estimator.baseline.decay=1.0"], r"decay must be in \[0, 1\), got 1.0"),
+    (["seed=-1"], r"seed must be an integer >= 0, got -1"),
+    (["test_ckpt=first"], r"test_ckpt='first' is not allowed; choose one of \['best', 'last', None\]"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
+def test_bad_inputs_are_rejected_before_training(overrides, message, tmp_path):
+    cfg = compose_config(FAST + overrides, tmp_path / "run")
+    with pytest.raises(Exception, match=message):
+        run(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "csv").exists()
+
+
+def test_unreadable_data_dir_is_rejected_before_training(tmp_path):
+    not_a_dir = tmp_path / "data_file"
+    not_a_dir.write_text("")
+    cfg = compose_config(["data=mnist", f"data.data_dir={not_a_dir}", "logger=csv", "trainer=cpu"], tmp_path / "run")
+    with pytest.raises(Exception, match=f"data.data_dir='{not_a_dir}' is not a readable directory"):
+        run(cfg)
+    assert not Path(tmp_path / "run" / "csv").exists()
