@@ -24,6 +24,7 @@ FAST = [
     "model.n_vars=4",
     "model.n_classes=4",
     "model.hidden_sizes=[32]",
+    "model.optimizer.lr=1e-2",
     "model.iw_samples=20",
     "model.iw_chunk_size=8",
     "trainer=cpu",

