@@ -13,6 +13,8 @@ from conftest import CONF_DIR, FAST, compose_config
 
 GROUPS = ["data", "model", "estimator", "schedule", "callbacks", "logger", "trainer"]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
+# Estimators with latent-size constraints get a latent space they accept.
+LATENTS_FOR = {"arm": ["model.n_classes=2"], "disarm": ["model.n_classes=2"], "exact": ["model.n_vars=3"]}
 EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
@@ -32,7 +34,7 @@ def build_all(cfg, with_trainer: bool = True):
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_group_option_instantiates(group, option, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    cfg = compose_config([f"{group}={option}"], tmp_path)
+    cfg = compose_config([f"{group}={option}", *LATENTS_FOR.get(option, [])], tmp_path)
     needs_gpu = cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available()  # CI has no GPU
     _, estimator, _ = build_all(cfg, with_trainer=not needs_gpu)
     if group == "estimator":

@@ -128,3 +128,29 @@ def test_multirun_jobs_have_their_own_outputs_and_wandb_runs(tmp_path):
         rows = read_metrics(job)
         assert column(rows, "train/loss") and column(rows, "test/nll_iw")
     assert len(run_ids) == 2
+
+
+@pytest.mark.parametrize("estimator, extra", [
+    ("st", []), ("gumbel_rao", []), ("reinmax", []), ("rloo", []), ("nvil", []), ("muprop", []),
+    ("reinforce_nvar", []), ("arm", ["model.n_classes=2"]), ("disarm", ["model.n_classes=2"]),
+    ("exact", ["model.n_vars=3"]),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_every_estimator_trains_the_vae(estimator, extra, fast_config):
+    cfg = fast_config(f"estimator={estimator}", "trainer.max_epochs=2", "callbacks=none", "test_ckpt=null", *extra)
+    results = run(cfg)
+    assert results["estimator"] == estimator and results["global_step"] == 16
+    losses = column(read_metrics(Path(cfg.paths.output_dir)), "train/loss")
+    assert all(map(lambda v: v == v, losses)) and losses[-1] < losses[0]
+
+
+def test_estimator_parameters_get_their_own_optimiser_group(fast_config):
+    from hydra.utils import instantiate
+
+    cfg = fast_config("estimator=nvil", "estimator.optim.lr=0.05")
+    estimator = instantiate(cfg.estimator)
+    model = instantiate(cfg.model, estimator=estimator, image_shape=[1, 8, 8])
+    optimiser = model.configure_optimizers()
+    model_group, estimator_group = optimiser.param_groups
+    assert estimator_group["lr"] == 0.05 and model_group["lr"] == cfg.model.optimizer.lr
+    assert {id(p) for p in estimator_group["params"]} == {id(p) for p in estimator.parameters()}
+    assert len(estimator_group["params"]) == 4  # the baseline MLP's two layers

@@ -117,3 +117,31 @@ def kl_to_uniform(logits: Tensor) -> Tensor:
     log_q = torch.where(q > 0, log_q, torch.zeros_like(log_q))
     neg_entropy = (q * log_q).sum(dim=(-1, -2))  # (...)
     return neg_entropy + logits.shape[-2] * math.log(logits.shape[-1])
+
+
+def conditional_gumbel(logits: Tensor, z: Tensor, sample_shape: tuple[int, ...] = ()) -> Tensor:
+    """Gumbel-perturbed log-probabilities conditioned on their argmax being the one-hot ``z``.
+
+    With l = log_softmax(logits) and v ~ U(0, 1)^K (Tucker et al. 2017, Appendix; Paulus et al. 2021):
+        g_b = -log(-log v_b)                              for the selected class b (a Gumbel(0) max),
+        g_i = -log(-log(v_i) / p_i - log v_b)            for i != b (truncated below g_b),
+    so (l + G | argmax = b) is drawn exactly, and g is differentiable in the logits. The second line
+    is evaluated as -logaddexp(log(-log v_i) - l_i, log(-log v_b)), finite-gradient for masked classes
+    (l_i = -inf gives g_i = -inf). z may carry extra leading sample dims; ``sample_shape`` prepends more.
+    Returns float32 scores of shape (*sample_shape, *z.shape).
+    """
+    shape = tuple(sample_shape) + tuple(z.shape)
+    tiny = torch.finfo(torch.float32).tiny
+    neg_log_v = -torch.log(torch.rand(shape, device=z.device).clamp_min(tiny))  # (*S, ..., K), > 0
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    is_top = z.expand(shape) > 0.5
+    log_top = (neg_log_v.log() * is_top).sum(-1, keepdim=True)  # log(-log v_b), (*S, ..., 1)
+    others = -torch.logaddexp(neg_log_v.log() - log_p, log_top)
+    return torch.where(is_top, -log_top.expand(shape), others)
+
+
+def enumerate_one_hot(n_vars: int, n_classes: int, device: torch.device | None = None) -> Tensor:
+    """All K^N one-hot configurations of N variables with K classes: (K^N, N, K), float32."""
+    grids = torch.meshgrid(*[torch.arange(n_classes, device=device)] * n_vars, indexing="ij")
+    classes = torch.stack([g.reshape(-1) for g in grids], dim=-1)  # (K^N, N)
+    return F.one_hot(classes, n_classes).float()

@@ -1,11 +1,14 @@
 """Gradient estimators for categorical latent variables; all follow :class:`Estimator`'s contract."""
 
-from catvae.estimators.base import Estimate, Estimator, Objective
-from catvae.estimators.baselines import Baseline, MovingAverageBaseline, NoBaseline
-from catvae.estimators.relaxed import GumbelSoftmax, STGumbelSoftmax
-from catvae.estimators.score_function import Reinforce
+from catvae.estimators.base import Estimate, Estimator, Objective, TemperatureEstimator
+from catvae.estimators.baselines import Baseline, LearnedBaseline, MovingAverageBaseline, NoBaseline
+from catvae.estimators.binary import ARM, DisARM
+from catvae.estimators.exact import Exact
+from catvae.estimators.relaxed import GumbelRao, GumbelSoftmax, ReinMax, STGumbelSoftmax, StraightThrough
+from catvae.estimators.score_function import RLOO, MuProp, Reinforce
 
 __all__ = [
-    "Baseline", "Estimate", "Estimator", "GumbelSoftmax", "MovingAverageBaseline", "NoBaseline",
-    "Objective", "Reinforce", "STGumbelSoftmax",
+    "ARM", "Baseline", "DisARM", "Estimate", "Estimator", "Exact", "GumbelRao", "GumbelSoftmax", "LearnedBaseline",
+    "MovingAverageBaseline", "MuProp", "NoBaseline", "Objective", "RLOO", "Reinforce", "ReinMax", "STGumbelSoftmax",
+    "StraightThrough", "TemperatureEstimator",
 ]

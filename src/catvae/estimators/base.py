@@ -13,6 +13,8 @@ from typing import Callable, ClassVar
 
 from torch import Tensor, nn
 
+from catvae.relaxations import check_temperature
+
 Objective = Callable[[Tensor], Tensor]
 
 
@@ -21,7 +23,8 @@ class Estimate:
     """What an estimator returns.
 
     loss:      (B,) objective value at the sample(s) drawn; what is reported.
-    surrogate: (B,) differentiable; d surrogate.sum() / d params is the gradient estimate.
+    surrogate: (B,) differentiable; d surrogate.sum() / d params is the gradient estimate (plus, for
+               estimators with parameters of their own, their training loss, which reaches only them).
     z:         the sample(s) used, one-hot or relaxed, shape (..., B, N, K).
     """
 
@@ -36,23 +39,55 @@ class Estimator(nn.Module):
     ``context`` (e.g. the encoder's features, (B, H)) is for input-dependent baselines; estimators
     that need none ignore it. State (baselines, temperatures) lives in buffers/parameters so that
     checkpoints restore it. ``name`` is the stable identifier used in logs and configs.
+    ``optim`` holds optimiser options (e.g. ``{"lr": 1e-2}``) for the estimator's own parameters,
+    which the model puts in a parameter group of their own.
     """
 
     name: str = "estimator"
     #: True where the gradient is an unbiased estimate of d E_q[f(z)] / d params.
     unbiased: ClassVar[bool] = False
+    #: True where only Bernoulli latents (K = 2) are supported.
+    binary_only: ClassVar[bool] = False
 
-    def __init__(self, name: str | None = None):
+    def __init__(self, name: str | None = None, optim: dict | None = None):
         """``name`` overrides the class's default name, e.g. to tell two configurations apart in logs."""
         super().__init__()
         if name is not None:
             self.name = name
+        self.optim = dict(optim or {})
+
+    def bind(self, n_vars: int, n_classes: int, context_dim: int) -> None:
+        """Called once by the model at construction, before training: estimators check the latent
+        sizes they support and build their networks here."""
+        if self.binary_only and n_classes != 2:
+            raise ValueError(f"estimator {self.name} supports Bernoulli latents only (model.n_classes=2), "
+                             f"got model.n_classes={n_classes}")
 
     def forward(self, logits: Tensor, objective: Objective, context: Tensor | None = None) -> Estimate:
         raise NotImplementedError
 
-    @staticmethod
-    def check_logits(logits: Tensor) -> None:
-        """Raise unless logits have the (B, N, K) layout with K >= 2."""
-        if logits.dim() != 3 or logits.shape[-1] < 2:
-            raise ValueError(f"logits must have shape (B, N, K) with K >= 2, got {tuple(logits.shape)}")
+    def check_logits(self, logits: Tensor) -> None:
+        """Raise unless logits have the (B, N, K) layout with K >= 2 (K = 2 for binary-only estimators)."""
+        if logits.dim() != 3 or logits.shape[-1] < 2 or (self.binary_only and logits.shape[-1] != 2):
+            allowed = "K = 2" if self.binary_only else "K >= 2"
+            raise ValueError(f"logits must have shape (B, N, K) with {allowed}, got {tuple(logits.shape)}")
+
+
+class TemperatureEstimator(Estimator):
+    """An estimator with a temperature ``tau`` (a positive finite number) that schedules set."""
+
+    def __init__(self, tau: float = 1.0, name: str | None = None, optim: dict | None = None):
+        super().__init__(name, optim)
+        self.tau = tau
+
+    @property
+    def tau(self) -> float:
+        return self._tau
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        check_temperature(value, "estimator.tau")
+        self._tau = float(value)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau:g}"

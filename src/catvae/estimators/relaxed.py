@@ -1,14 +1,18 @@
-"""Relaxed (reparameterised) estimators: Gumbel-Softmax and Straight-Through Gumbel-Softmax."""
+"""Relaxed and straight-through estimators: Gumbel-Softmax, ST Gumbel-Softmax, ST, Gumbel-Rao, ReinMax."""
 
 from __future__ import annotations
 
+import math
+
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from catvae.estimators.base import Estimate, Estimator, Objective
-from catvae.relaxations import check_temperature, gumbel_softmax
+from catvae.estimators.base import Estimate, Objective, TemperatureEstimator
+from catvae.relaxations import conditional_gumbel, gumbel_softmax, sample_categorical, straight_through
 
 
-class GumbelSoftmax(Estimator):
+class GumbelSoftmax(TemperatureEstimator):
     """Gumbel-Softmax (Jang et al. 2017, Eq. 2; Maddison et al. 2017): z = softmax((logits + g) / tau).
 
     The gradient d f(z) / d logits of the relaxed sample is biased for E_q[f] at tau > 0 and
@@ -18,27 +22,11 @@ class GumbelSoftmax(Estimator):
     name = "gumbel_softmax"
     hard = False
 
-    def __init__(self, tau: float = 1.0, name: str | None = None):
-        super().__init__(name)
-        self.tau = tau
-
-    @property
-    def tau(self) -> float:
-        return self._tau
-
-    @tau.setter
-    def tau(self, value: float) -> None:
-        check_temperature(value, "estimator.tau")
-        self._tau = float(value)
-
     def forward(self, logits: Tensor, objective: Objective, context: Tensor | None = None) -> Estimate:
         self.check_logits(logits)
         z = gumbel_softmax(logits, self.tau, hard=self.hard)  # (B, N, K)
         loss = objective(z)  # (B,)
         return Estimate(loss=loss, surrogate=loss, z=z)
-
-    def extra_repr(self) -> str:
-        return f"tau={self.tau:g}"
 
 
 class STGumbelSoftmax(GumbelSoftmax):
@@ -49,3 +37,80 @@ class STGumbelSoftmax(GumbelSoftmax):
 
     name = "st_gumbel_softmax"
     hard = True
+
+
+class StraightThroughEstimator(TemperatureEstimator):
+    """Shared shape of the straight-through family: z = hard one-hot sample D ~ q in the forward pass,
+    gradient of a differentiable ``proxy(logits, D)`` in the backward pass; loss = surrogate = f(z)."""
+
+    def proxy(self, logits: Tensor, hard: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, logits: Tensor, objective: Objective, context: Tensor | None = None) -> Estimate:
+        self.check_logits(logits)
+        hard = sample_categorical(logits)  # (B, N, K)
+        z = straight_through(hard, self.proxy(logits, hard)).to(logits.dtype)
+        loss = objective(z)  # (B,)
+        return Estimate(loss=loss, surrogate=loss, z=z)
+
+
+class StraightThrough(StraightThroughEstimator):
+    """Straight-through (Bengio et al. 2013, as in Jang et al. 2017, Table 1): z ~ Cat(softmax(logits))
+    one-hot, gradient of softmax(logits / tau). Unbiased at tau = 1 for objectives linear in z."""
+
+    name = "st"
+
+    def proxy(self, logits: Tensor, hard: Tensor) -> Tensor:
+        return F.softmax(logits.float() / self.tau, dim=-1)
+
+
+class GumbelRao(StraightThroughEstimator):
+    """Gumbel-Rao (Paulus et al. 2021, Eq. 7): the ST Gumbel-Softmax gradient Rao-Blackwellised over
+    the Gumbel noise given the sample D,
+
+        grad ~ d/d logits  (1/M) sum_m softmax((l + g_m) / tau),   g_m ~ Gumbel | argmax(l + g) = D,
+
+    with M = ``n_samples`` conditional draws (:func:`~catvae.relaxations.conditional_gumbel`), each g_m
+    held fixed under differentiation. Same expectation as ST Gumbel-Softmax, lower variance; one
+    objective evaluation.
+    """
+
+    name = "gumbel_rao"
+
+    def __init__(self, tau: float = 1.0, n_samples: int = 10, name: str | None = None, optim: dict | None = None):
+        super().__init__(tau, name, optim)
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"estimator.n_samples must be an integer >= 1, got {n_samples!r}")
+        self.n_samples = n_samples
+
+    def proxy(self, logits: Tensor, hard: Tensor) -> Tensor:
+        log_p = torch.log_softmax(logits.float(), dim=-1)  # (B, N, K)
+        # The noise g = (l + g | D) - l is held fixed while differentiating, as in the ST-GS gradient it
+        # averages; masked classes (l = -inf) keep -inf scores.
+        noise = conditional_gumbel(logits, hard, (self.n_samples,)) - log_p  # (M, B, N, K)
+        scores = log_p + torch.where(torch.isfinite(log_p), noise, torch.zeros_like(noise)).detach()
+        scores = scores - scores.amax(dim=-1, keepdim=True).detach()
+        return F.softmax(scores / self.tau, dim=-1).mean(0)  # (B, N, K)
+
+
+class ReinMax(StraightThroughEstimator):
+    """ReinMax (Liu et al. 2023, Algorithm 2): a second-order (Heun's method) straight-through
+    gradient. With pi_0 = softmax(logits) and the sample D,
+
+        pi_1 = softmax( sg(log((D + softmax(logits / tau)) / 2) - logits) + logits ),
+        proxy = 2 pi_1 - pi_0 / 2,
+
+    (sg = stop-gradient): the value of pi_1 is (D + softmax(logits/tau))/2 and its Jacobian is that of
+    a softmax at that point. Masked classes keep a zero proxy and a finite gradient.
+    """
+
+    name = "reinmax"
+
+    def proxy(self, logits: Tensor, hard: Tensor) -> Tensor:
+        logits = logits.float()
+        pi_0 = F.softmax(logits, dim=-1)
+        midpoint = (hard.float() + F.softmax(logits / self.tau, dim=-1)) / 2
+        # Where the midpoint is 0 (masked or underflowed classes) the shifted logit is -inf, never NaN.
+        shift = torch.where(midpoint > 0, midpoint.log() - logits, torch.full_like(logits, -math.inf)).detach()
+        pi_1 = F.softmax(logits + shift, dim=-1)
+        return 2 * pi_1 - pi_0 / 2

@@ -1,7 +1,8 @@
-"""Score-function (REINFORCE) estimators."""
+"""Score-function (REINFORCE) estimators: REINFORCE with baselines (and NVIL), RLOO, MuProp."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from catvae.estimators.base import Estimate, Estimator, Objective
@@ -10,34 +11,119 @@ from catvae.relaxations import categorical_log_prob, sample_categorical
 
 
 def score_function_surrogate(loss: Tensor, log_q: Tensor, advantage: Tensor) -> Tensor:
-    """Surrogate whose gradient is grad f(z) + (f(z) - b) grad log q(z) (Williams 1992).
+    """Surrogate whose gradient is grad f(z) + A grad log q(z) (Williams 1992).
 
-    ``loss`` carries the pathwise part (objective parameters, e.g. the decoder), ``advantage``
-    (f - b) is detached so only log q(z) carries the score term to the encoder.
+    ``loss`` carries the pathwise part (objective parameters, e.g. the decoder), the advantage A
+    (f - b, or another centred signal) is detached so only log q(z) carries the score term.
     """
     return loss + advantage.detach() * log_q
 
 
-class Reinforce(Estimator):
-    """REINFORCE with a baseline: z ~ q hard one-hot, grad = (f(z) - b) grad log q(z) + grad f(z).
+def check_sample_count(value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"estimator.n_samples must be an integer >= {minimum}, got {value!r}")
+    return value
 
-    Unbiased for any baseline b that does not depend on z. The default is a bias-corrected moving
-    average of f (see :class:`~catvae.estimators.baselines.MovingAverageBaseline`).
+
+class BaselineEstimator(Estimator):
+    """An estimator holding a :class:`Baseline` (bound to the context size, trained if it learns)."""
+
+    def __init__(self, baseline: Baseline | None = None, name: str | None = None, optim: dict | None = None):
+        super().__init__(name, optim)
+        self.baseline = baseline if baseline is not None else MovingAverageBaseline()
+
+    def bind(self, n_vars: int, n_classes: int, context_dim: int) -> None:
+        super().bind(n_vars, n_classes, context_dim)
+        self.baseline.bind(context_dim)
+
+    def centred(self, signal: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(advantage, baseline training loss) for the signal (B,); updates running statistics in training."""
+        signal = signal.detach()
+        advantage = self.baseline.advantage(signal, context)
+        baseline_loss = self.baseline.loss(signal, context)
+        if self.training:
+            self.baseline.update(signal, context)
+        return advantage, baseline_loss
+
+
+class Reinforce(BaselineEstimator):
+    """REINFORCE: z ~ q hard one-hot, grad = A grad log q(z) + grad f(z), A = (f(z) - b) / s.
+
+    Unbiased in direction for any baseline b and scale s that do not depend on z. Options
+    (``baseline``): :class:`NoBaseline`; :class:`MovingAverageBaseline` (the default; with
+    ``normalise_variance`` it is the variance-normalised SF of Jang et al.'s Table 1); and
+    :class:`LearnedBaseline`, which makes this NVIL (Mnih & Gregor 2014).
     """
 
     name = "reinforce"
     unbiased = True
-
-    def __init__(self, baseline: Baseline | None = None, name: str | None = None):
-        super().__init__(name)
-        self.baseline = baseline if baseline is not None else MovingAverageBaseline()
 
     def forward(self, logits: Tensor, objective: Objective, context: Tensor | None = None) -> Estimate:
         self.check_logits(logits)
         z = sample_categorical(logits)  # (B, N, K), no gradient
         loss = objective(z)  # (B,)
         log_q = categorical_log_prob(logits, z)  # (B,)
-        advantage = loss.detach() - self.baseline(loss.detach(), context)  # (B,)
-        if self.training:
-            self.baseline.update(loss.detach())
-        return Estimate(loss=loss, surrogate=score_function_surrogate(loss, log_q, advantage), z=z)
+        advantage, baseline_loss = self.centred(loss, context)
+        surrogate = score_function_surrogate(loss, log_q, advantage) + baseline_loss
+        return Estimate(loss=loss, surrogate=surrogate, z=z)
+
+
+class RLOO(Estimator):
+    """REINFORCE leave-one-out (Kool et al. 2019, Eq. 8): S samples, each baselined by the mean of
+    the other S - 1,
+
+        grad = 1/S sum_s [ (f(z_s) - 1/(S-1) sum_{j != s} f(z_j)) grad log q(z_s) + grad f(z_s) ],
+
+    where f(z_s) - mean_{j != s} f(z_j) = S/(S-1) (f(z_s) - mean_j f(z_j)). Unbiased; one objective call
+    on (S, B, N, K).
+    """
+
+    name = "rloo"
+    unbiased = True
+
+    def __init__(self, n_samples: int = 4, name: str | None = None, optim: dict | None = None):
+        super().__init__(name, optim)
+        self.n_samples = check_sample_count(n_samples, 2)
+
+    def forward(self, logits: Tensor, objective: Objective, context: Tensor | None = None) -> Estimate:
+        self.check_logits(logits)
+        n = self.n_samples
+        z = sample_categorical(logits, (n,))  # (S, B, N, K)
+        loss = objective(z)  # (S, B)
+        log_q = categorical_log_prob(logits, z)  # (S, B)
+        advantage = n / (n - 1) * (loss.detach() - loss.detach().mean(0))  # (S, B)
+        surrogate = score_function_surrogate(loss, log_q, advantage).mean(0)  # (B,)
+        return Estimate(loss=loss.mean(0), surrogate=surrogate, z=z)
+
+
+class MuProp(BaselineEstimator):
+    """MuProp (Gu et al. 2016, Eq. 6): a first-order Taylor expansion of f around the mean-field
+    point z_bar = pi = softmax(logits) as control variate,
+
+        grad = [f(z) - f(pi) - f'(pi).(z - pi) - b] grad log q(z) + f'(pi) . grad pi + grad f(z),
+
+    unbiased because E_q[f(pi) + f'(pi).(z - pi)] = f(pi), whose gradient is the second term. The
+    residual is further centred (and, as in Jang et al.'s Table 1, variance-normalised) by
+    ``baseline``; with normalisation both encoder terms are divided by the same scale s, so the
+    encoder's gradient keeps its direction. Costs one extra objective evaluation and backward pass at pi.
+    """
+
+    name = "muprop"
+    unbiased = True
+
+    def forward(self, logits: Tensor, objective: Objective, context: Tensor | None = None) -> Estimate:
+        self.check_logits(logits)
+        z = sample_categorical(logits)  # (B, N, K)
+        pi = torch.softmax(logits.float(), dim=-1).to(logits.dtype)  # (B, N, K)
+        with torch.enable_grad():
+            mean_field = pi.detach().requires_grad_(True)
+            f_bar = objective(mean_field)  # (B,)
+            (slope,) = torch.autograd.grad(f_bar.sum(), mean_field)  # f'(pi), (B, N, K)
+        loss = objective(z)  # (B,)
+        log_q = categorical_log_prob(logits, z)  # (B,)
+        taylor = f_bar.detach() + (slope * (z - pi.detach())).sum((-1, -2))  # (B,)
+        advantage, baseline_loss = self.centred(loss.detach() - taylor, context)
+        # gradient f'(pi) . grad pi, divided by the baseline's scale like the score term it complements
+        mean_field_term = (slope * pi).sum((-1, -2)) / self.baseline.scale()
+        surrogate = score_function_surrogate(loss, log_q, advantage) + mean_field_term + baseline_loss
+        return Estimate(loss=loss, surrogate=surrogate, z=z)

@@ -50,6 +50,7 @@ class CategoricalVAE(pl.LightningModule):
         self.encoder_body = mlp([input_dim, *hidden_sizes], final_activation=True)
         self.to_logits = torch.nn.Linear(hidden_sizes[-1] if hidden_sizes else input_dim, latent_dim)
         self.decoder = mlp([latent_dim, *reversed(hidden_sizes), input_dim])
+        estimator.bind(n_vars, n_classes, context_dim=hidden_sizes[-1] if hidden_sizes else input_dim)
 
     # ----- the model -----
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -104,7 +105,13 @@ class CategoricalVAE(pl.LightningModule):
                        "test/nll_iw": nll_iw.mean()}, on_epoch=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(self.parameters())
+        """The configured optimiser over the model's parameters, with the estimator's own parameters
+        (learned baselines, control variates) in a second group with the estimator's ``optim`` options."""
+        estimator_ids = {id(p) for p in self.estimator.parameters()}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in estimator_ids]}]
+        if estimator_ids:
+            groups.append({"params": list(self.estimator.parameters()), **self.estimator.optim})
+        return self.optimizer_factory(groups)
 
     # ----- pictures -----
     @torch.no_grad()
