@@ -133,7 +133,8 @@ def test_multirun_jobs_have_their_own_outputs_and_wandb_runs(tmp_path):
 @pytest.mark.parametrize("estimator, extra", [
     ("st", []), ("gumbel_rao", []), ("reinmax", []), ("rloo", []), ("nvil", []), ("muprop", []),
     ("reinforce_nvar", []), ("arm", ["model.n_classes=2"]), ("disarm", ["model.n_classes=2"]),
-    ("exact", ["model.n_vars=3"]),
+    ("exact", ["model.n_vars=3"]), ("vimco", []), ("rebar", []), ("relax", []),
+    ("slope_annealed_st", ["schedule=slope_linear", "schedule.rate=0.5", "schedule.every=1"]),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_every_estimator_trains_the_vae(estimator, extra, fast_config):
     cfg = fast_config(f"estimator={estimator}", "trainer.max_epochs=2", "callbacks=none", "test_ckpt=null", *extra)

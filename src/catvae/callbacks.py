@@ -13,6 +13,13 @@ from torchvision.utils import make_grid, save_image
 from catvae.relaxations import check_temperature
 
 
+def check_rate_and_every(rate: float, every: int) -> None:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
+        raise ValueError(f"schedule.rate must be a finite number >= 0, got {rate!r}")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"schedule.every must be an integer >= 1, got {every!r}")
+
+
 class TemperatureSchedule(pl.Callback):
     """Sets ``pl_module.estimator.tau`` from the global step before every training batch and logs
     it as ``tau``. Estimators without a temperature are left alone (nothing is logged).
@@ -57,15 +64,30 @@ class JangExponentialTemperature(TemperatureSchedule):
         super().__init__(name)
         check_temperature(tau0, "schedule.tau0")
         check_temperature(tau_min, "schedule.tau_min")
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
-            raise ValueError(f"schedule.rate must be a finite number >= 0, got {rate!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"schedule.every must be an integer >= 1, got {every!r}")
+        check_rate_and_every(rate, every)
         self.tau0, self.tau_min, self.rate, self.every = float(tau0), float(tau_min), float(rate), every
 
     def value(self, step: int) -> float:
         t = (step // self.every) * self.every
         return max(self.tau_min, self.tau0 * math.exp(-self.rate * t))
+
+
+class LinearSlopeSchedule(TemperatureSchedule):
+    """Slope annealing (Chung et al. 2017, Section 4): the straight-through gradient uses
+    softmax(slope * logits) with slope = min(slope_max, slope0 + rate * t), t the global step rounded
+    down to a multiple of ``every``; it is applied as tau = 1 / slope (and logged as ``tau``)."""
+
+    def __init__(self, slope0: float = 1.0, slope_max: float = 5.0, rate: float = 1e-4, every: int = 500,
+                 name: str = "slope_linear"):
+        super().__init__(name)
+        check_temperature(slope0, "schedule.slope0")
+        check_temperature(slope_max, "schedule.slope_max")
+        check_rate_and_every(rate, every)
+        self.slope0, self.slope_max, self.rate, self.every = float(slope0), float(slope_max), float(rate), every
+
+    def value(self, step: int) -> float:
+        t = (step // self.every) * self.every
+        return 1.0 / min(self.slope_max, self.slope0 + self.rate * t)
 
 
 class ImageGrids(pl.Callback):

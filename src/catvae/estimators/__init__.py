@@ -3,12 +3,14 @@
 from catvae.estimators.base import Estimate, Estimator, Objective, TemperatureEstimator
 from catvae.estimators.baselines import Baseline, LearnedBaseline, MovingAverageBaseline, NoBaseline
 from catvae.estimators.binary import ARM, DisARM
+from catvae.estimators.control_variates import RELAX, REBAR
 from catvae.estimators.exact import Exact
+from catvae.estimators.multi_sample import VIMCO
 from catvae.estimators.relaxed import GumbelRao, GumbelSoftmax, ReinMax, STGumbelSoftmax, StraightThrough
 from catvae.estimators.score_function import RLOO, MuProp, Reinforce
 
 __all__ = [
-    "ARM", "Baseline", "DisARM", "Estimate", "Estimator", "Exact", "GumbelRao", "GumbelSoftmax", "LearnedBaseline",
+    "ARM", "REBAR", "RELAX", "VIMCO", "Baseline", "DisARM", "Estimate", "Estimator", "Exact", "GumbelRao", "GumbelSoftmax", "LearnedBaseline",
     "MovingAverageBaseline", "MuProp", "NoBaseline", "Objective", "RLOO", "Reinforce", "ReinMax", "STGumbelSoftmax",
     "StraightThrough", "TemperatureEstimator",
 ]

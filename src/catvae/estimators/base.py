@@ -48,6 +48,9 @@ class Estimator(nn.Module):
     unbiased: ClassVar[bool] = False
     #: True where only Bernoulli latents (K = 2) are supported.
     binary_only: ClassVar[bool] = False
+    #: False where the estimator optimises a sampled bound and wants the whole per-sample
+    #: -log p(x, z) + log q(z|x) as its objective (VIMCO) instead of -log p(x|z) plus a closed-form KL.
+    analytic_kl: ClassVar[bool] = True
 
     def __init__(self, name: str | None = None, optim: dict | None = None):
         """``name`` overrides the class's default name, e.g. to tell two configurations apart in logs."""

@@ -13,7 +13,7 @@ from torch import Tensor
 from catvae.estimators import Estimator
 from catvae.evaluation import importance_weighted_nll
 from catvae.models.networks import mlp
-from catvae.relaxations import kl_to_uniform, sample_categorical
+from catvae.relaxations import categorical_log_prob, kl_to_uniform, sample_categorical
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -80,8 +80,12 @@ class CategoricalVAE(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x = self.flatten(batch)
         logits, features = self.encode(x)
-        estimate = self.estimator(logits, lambda z: self.reconstruction_nll(x, z), context=features)
-        kl = kl_to_uniform(logits)  # (B,)
+        if self.estimator.analytic_kl:  # f(z) = -log p(x|z); the KL is added in closed form
+            objective, kl = (lambda z: self.reconstruction_nll(x, z)), kl_to_uniform(logits)  # kl (B,)
+        else:  # the estimator's objective is the whole sampled bound: f(z) = -log p(x|z) - log p(z) + log q(z|x)
+            objective = lambda z: self.reconstruction_nll(x, z) - self.log_prior() + categorical_log_prob(logits, z)  # noqa: E731
+            kl = torch.zeros_like(logits[:, 0, 0])
+        estimate = self.estimator(logits, objective, context=features)
         self.log("train/loss", (estimate.loss.detach() + kl.detach()).mean(), on_step=True, on_epoch=False)
         return (estimate.surrogate + kl).mean()
 
