@@ -13,13 +13,6 @@ from torchvision.utils import make_grid, save_image
 from catvae.relaxations import check_temperature
 
 
-def check_rate_and_every(rate: float, every: int) -> None:
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
-        raise ValueError(f"schedule.rate must be a finite number >= 0, got {rate!r}")
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"schedule.every must be an integer >= 1, got {every!r}")
-
-
 class TemperatureSchedule(pl.Callback):
     """Sets ``pl_module.estimator.tau`` from the global step before every training batch and logs
     it as ``tau``. Estimators without a temperature are left alone (nothing is logged).
@@ -55,38 +48,52 @@ class ConstantTemperature(TemperatureSchedule):
         return None
 
 
-class JangExponentialTemperature(TemperatureSchedule):
-    """Jang et al. (2017, Section 4.2): tau = max(tau_min, tau0 * exp(-r t)), with t the global step
-    rounded down to a multiple of ``every`` (the temperature is recomputed every N steps)."""
+class SteppedSchedule(TemperatureSchedule):
+    """A schedule of the global step held constant for ``every`` steps: value(step) = at(t) with
+    t = every * floor(step / every), and a non-negative ``rate`` of change per step."""
+
+    def __init__(self, name: str, rate: float, every: int):
+        super().__init__(name)
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
+            raise ValueError(f"schedule.rate must be a finite number >= 0, got {rate!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"schedule.every must be an integer >= 1, got {every!r}")
+        self.rate, self.every = float(rate), every
+
+    def at(self, t: int) -> float:
+        raise NotImplementedError
+
+    def value(self, step: int) -> float:
+        return self.at((step // self.every) * self.every)
+
+
+class JangExponentialTemperature(SteppedSchedule):
+    """Jang et al. (2017, Section 4.2): tau = max(tau_min, tau0 * exp(-r t)), recomputed every N steps."""
 
     def __init__(self, tau0: float = 1.0, tau_min: float = 0.5, rate: float = 1e-4, every: int = 1000,
                  name: str = "jang_exp"):
-        super().__init__(name)
+        super().__init__(name, rate, every)
         check_temperature(tau0, "schedule.tau0")
         check_temperature(tau_min, "schedule.tau_min")
-        check_rate_and_every(rate, every)
-        self.tau0, self.tau_min, self.rate, self.every = float(tau0), float(tau_min), float(rate), every
+        self.tau0, self.tau_min = float(tau0), float(tau_min)
 
-    def value(self, step: int) -> float:
-        t = (step // self.every) * self.every
+    def at(self, t: int) -> float:
         return max(self.tau_min, self.tau0 * math.exp(-self.rate * t))
 
 
-class LinearSlopeSchedule(TemperatureSchedule):
+class LinearSlopeSchedule(SteppedSchedule):
     """Slope annealing (Chung et al. 2017, Section 4): the straight-through gradient uses
-    softmax(slope * logits) with slope = min(slope_max, slope0 + rate * t), t the global step rounded
-    down to a multiple of ``every``; it is applied as tau = 1 / slope (and logged as ``tau``)."""
+    softmax(slope * logits) with slope = min(slope_max, slope0 + rate * t), recomputed every N steps;
+    it is applied as tau = 1 / slope (and logged as ``tau``)."""
 
     def __init__(self, slope0: float = 1.0, slope_max: float = 5.0, rate: float = 1e-4, every: int = 500,
                  name: str = "slope_linear"):
-        super().__init__(name)
+        super().__init__(name, rate, every)
         check_temperature(slope0, "schedule.slope0")
         check_temperature(slope_max, "schedule.slope_max")
-        check_rate_and_every(rate, every)
-        self.slope0, self.slope_max, self.rate, self.every = float(slope0), float(slope_max), float(rate), every
+        self.slope0, self.slope_max = float(slope0), float(slope_max)
 
-    def value(self, step: int) -> float:
-        t = (step // self.every) * self.every
+    def at(self, t: int) -> float:
         return 1.0 / min(self.slope_max, self.slope0 + self.rate * t)
 
 

@@ -7,9 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from catvae.estimators.base import Estimate, Estimator, Objective
-from catvae.estimators.score_function import check_sample_count
-from catvae.relaxations import categorical_log_prob, sample_categorical
+from catvae.estimators.base import Estimate, Objective
+from catvae.estimators.score_function import MultiSampleEstimator
 
 
 def leave_one_out_bounds(log_w: Tensor) -> Tensor:
@@ -23,7 +22,7 @@ def leave_one_out_bounds(log_w: Tensor) -> Tensor:
     return torch.logsumexp(replaced, dim=1) - math.log(n)
 
 
-class VIMCO(Estimator):
+class VIMCO(MultiSampleEstimator):
     """VIMCO (Mnih & Rezende 2016): optimises the S-sample bound L = log 1/S sum_s w_s, with
     log w_s = -f(z_s) (f is -log p(x, z) + log q(z|x): ``analytic_kl`` is False), by
 
@@ -37,17 +36,11 @@ class VIMCO(Estimator):
     unbiased = True
     analytic_kl = False
 
-    def __init__(self, n_samples: int = 4, name: str | None = None, optim: dict | None = None):
-        super().__init__(name, optim)
-        self.n_samples = check_sample_count(n_samples, 2)
-
     def forward(self, logits: Tensor, objective: Objective, context: Tensor | None = None) -> Estimate:
-        self.check_logits(logits)
+        z, f, log_q = self.draw(logits, objective)  # (S, B, N, K), (S, B), (S, B)
         n = self.n_samples
-        z = sample_categorical(logits, (n,))  # (S, B, N, K)
-        log_w = -objective(z)  # (S, B)
+        log_w = -f  # (S, B)
         bound = torch.logsumexp(log_w, dim=0) - math.log(n)  # (B,)
         signal = (bound.unsqueeze(0) - leave_one_out_bounds(log_w)).detach()  # (S, B)
-        log_q = categorical_log_prob(logits, z)  # (S, B)
         surrogate = -(bound + (signal * log_q).sum(0))
         return Estimate(loss=-bound, surrogate=surrogate, z=z)

@@ -68,29 +68,35 @@ class Reinforce(BaselineEstimator):
         return Estimate(loss=loss, surrogate=surrogate, z=z)
 
 
-class RLOO(Estimator):
-    """REINFORCE leave-one-out (Kool et al. 2019, Eq. 8): S samples, each baselined by the mean of
-    the other S - 1,
-
-        grad = 1/S sum_s [ (f(z_s) - 1/(S-1) sum_{j != s} f(z_j)) grad log q(z_s) + grad f(z_s) ],
-
-    where f(z_s) - mean_{j != s} f(z_j) = S/(S-1) (f(z_s) - mean_j f(z_j)). Unbiased; one objective call
-    on (S, B, N, K).
-    """
-
-    name = "rloo"
-    unbiased = True
+class MultiSampleEstimator(Estimator):
+    """Draws S = ``n_samples`` samples per example and calls the objective once on (S, B, N, K)."""
 
     def __init__(self, n_samples: int = 4, name: str | None = None, optim: dict | None = None):
         super().__init__(name, optim)
         self.n_samples = check_sample_count(n_samples, 2)
 
-    def forward(self, logits: Tensor, objective: Objective, context: Tensor | None = None) -> Estimate:
+    def draw(self, logits: Tensor, objective: Objective) -> tuple[Tensor, Tensor, Tensor]:
+        """(z (S, B, N, K) one-hot, f(z) (S, B), log q(z) (S, B))."""
         self.check_logits(logits)
+        z = sample_categorical(logits, (self.n_samples,))
+        return z, objective(z), categorical_log_prob(logits, z)
+
+
+class RLOO(MultiSampleEstimator):
+    """REINFORCE leave-one-out (Kool et al. 2019, Eq. 8): S samples, each baselined by the mean of
+    the other S - 1,
+
+        grad = 1/S sum_s [ (f(z_s) - 1/(S-1) sum_{j != s} f(z_j)) grad log q(z_s) + grad f(z_s) ],
+
+    where f(z_s) - mean_{j != s} f(z_j) = S/(S-1) (f(z_s) - mean_j f(z_j)). Unbiased.
+    """
+
+    name = "rloo"
+    unbiased = True
+
+    def forward(self, logits: Tensor, objective: Objective, context: Tensor | None = None) -> Estimate:
+        z, loss, log_q = self.draw(logits, objective)  # (S, B, N, K), (S, B), (S, B)
         n = self.n_samples
-        z = sample_categorical(logits, (n,))  # (S, B, N, K)
-        loss = objective(z)  # (S, B)
-        log_q = categorical_log_prob(logits, z)  # (S, B)
         advantage = n / (n - 1) * (loss.detach() - loss.detach().mean(0))  # (S, B)
         surrogate = score_function_surrogate(loss, log_q, advantage).mean(0)  # (B,)
         return Estimate(loss=loss.mean(0), surrogate=surrogate, z=z)
