@@ -81,6 +81,8 @@ BAD_INPUTS = [
     (["data.binarization=otsu"], r"data.binarization='otsu' is not allowed; choose one of"),
     (["data.batch_size=0"], r"data.batch_size must be an integer >= 1, got 0"),
     (["estimator=reinforce", "estimator.baseline.decay=1.0"], r"decay must be in \[0, 1\), got 1.0"),
+    (["estimator=gst", "estimator.gap=0"], r"estimator.gap must be a positive finite number or 'adaptive', got 0"),
+    (["estimator=gst", "estimator.gap=wide"], r"estimator.gap must be a positive finite number or 'adaptive', got 'wide'"),
     (["seed=-1"], r"seed must be an integer >= 0, got -1"),
     (["test_ckpt=first"], r"test_ckpt='first' is not allowed; choose one of \['best', 'last', None\]"),
 ]

@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-from catvae.estimators import (ARM, REBAR, RELAX, RLOO, VIMCO, DisARM, Exact, GumbelRao, GumbelSoftmax,
-                               LearnedBaseline, MovingAverageBaseline, MuProp, NoBaseline, Reinforce, ReinMax,
-                               STGumbelSoftmax, StraightThrough)
-from catvae.relaxations import categorical_log_prob
+from catvae.estimators import (ARM, DARN, REBAR, RELAX, RLOO, VIMCO, DisARM, Exact, GappedStraightThrough,
+                               GumbelRao, GumbelSoftmax, LearnedBaseline, MovingAverageBaseline, MuProp, NoBaseline,
+                               Reinforce, ReinMax, STGumbelSoftmax, StraightThrough)
+from catvae.relaxations import categorical_log_prob, sample_categorical
 from conftest import all_one_hot, exact_expectation
 
 DRAWS = 20_000
@@ -302,7 +302,7 @@ def test_bad_estimator_options_name_the_value(make, message):
 # ----- biased estimators: their defining properties -----
 
 ONE_HOT_FORWARD = {"st_gumbel_softmax": STGumbelSoftmax, "st": StraightThrough, "gumbel_rao": GumbelRao,
-                   "reinmax": ReinMax}
+                   "reinmax": ReinMax, "gst": GappedStraightThrough}
 
 
 @pytest.mark.parametrize("name", list(ONE_HOT_FORWARD))
@@ -383,6 +383,76 @@ def test_reinmax_has_lower_bias_than_st_on_a_quadratic_objective():
     assert bias["reinmax"] < 0.5 * bias["st"]
 
 
+def darn_signal(problem: Problem, z):
+    """f'(z).(z - 1/K) for the toy objective, in closed form: f'(z) = 2 (<w, z> - theta) w + 2 e_0."""
+    objective = problem.objective()
+    slope = 2 * ((z * objective.w).sum((-1, -2)) - objective.theta.detach())[..., None, None] * objective.w
+    slope[..., 0] += 2
+    return (slope * (z - 1 / problem.n_classes)).sum((-1, -2))
+
+
+@pytest.mark.parametrize("problem", [CATEGORICAL, BERNOULLI], ids=["categorical", "bernoulli"])
+def test_darn_has_its_enumerated_expectation_and_is_biased_for_a_nonlinear_objective(problem):
+    """DARN's mean logit gradient is sum_z q(z) s(z) grad log q(z) = grad sum_z q(z) sg(s(z)), s its signal;
+    for the quadratic toy objective that differs from the true gradient, which the test must detect."""
+    torch.manual_seed(12)
+    leaf = problem.logits.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(exact_expectation(leaf, lambda z: darn_signal(problem, z)).sum(), leaf)
+    exact_logits, exact_theta = problem.exact()
+    logit_grads, theta_grads = problem.draws(bound(DARN(NoBaseline()), problem), n=80_000)
+    assert z_scores(logit_grads, expected[0]).abs().max() < 4.5
+    assert z_scores(theta_grads, exact_theta).abs() < 4.5  # the pathwise part is exact
+    assert (expected[0] - exact_logits).norm() > 0.05 * exact_logits.norm()
+    # Under "DARN is unbiased" this sum of squared z-scores would be about N*K (at most twice a chi-square with
+    # N*K dof where coordinates repeat); 60 rejects that beyond doubt.
+    assert z_scores(logit_grads, exact_logits).pow(2).sum() > 60
+
+
+def test_darn_is_unbiased_for_a_linear_objective():
+    """For f(z) = <c, z>, f'(z).(z - 1/K) = f(z) - mean(c): REINFORCE with a constant baseline."""
+    torch.manual_seed(13)
+    objective, exact = linear_problem_exact()
+    grads = mean_gradient(bound(DARN(NoBaseline()), CATEGORICAL), objective, 20_000)
+    assert z_scores(grads, exact).abs().max() < 4.5
+    assert z_scores(-grads, exact).abs().max() > 15
+
+
+def gapped_logits(logits, hard, gap):
+    """Fan et al. (2022), Eq. 8-9: theta~ = theta + m1 - m2, m1 = (theta_k - theta_i) D,
+    m2_j = max(0, theta_j - theta_k + gap) for j != i, with i the sampled class and k the argmax."""
+    top = logits.amax(-1, keepdim=True)
+    m1 = (top - (logits * hard).sum(-1, keepdim=True)) * hard
+    m2 = (logits - top + gap).clamp(min=0) * (1 - hard)
+    return logits + m1 - m2
+
+
+@pytest.mark.parametrize("gap", [1.0, 2.5, "adaptive"])
+def test_gst_proxy_is_the_softmax_of_the_gapped_logits(gap):
+    torch.manual_seed(14)
+    logits, tau = torch.randn(512, 3, 5) * 3, 0.7
+    hard = sample_categorical(logits)
+    pi_i = (logits.softmax(-1) * hard).sum(-1, keepdim=True).clamp(max=1 - 1e-5)
+    kappa = -torch.log1p(-pi_i) / pi_i if gap == "adaptive" else gap
+    proxy = GappedStraightThrough(tau, gap).proxy(logits, hard)
+    torch.testing.assert_close(proxy, (gapped_logits(logits, hard, kappa) / tau).softmax(-1))
+    # the sampled class leads every other by at least the gap (>= 1 for the adaptive choice)
+    scores = proxy.log() * tau
+    lead = (scores * hard).sum(-1) - scores.masked_fill(hard.bool(), -math.inf).amax(-1)
+    assert (lead >= (1.0 if gap == "adaptive" else gap) - 1e-4).all()
+
+
+def test_gst_gradient_is_st_where_the_sample_already_leads_by_the_gap():
+    """If D is the argmax and every other logit is >= gap below it, theta~ = theta: GST's gradient is ST's."""
+    logits = torch.tensor([[[3.0, 1.5, -1.0], [0.0, -2.0, 4.0]]]).expand(8, -1, -1).clone().requires_grad_(True)
+    hard = torch.nn.functional.one_hot(logits.argmax(-1), 3).float()
+    weights = torch.randn(2, 3)
+    gst, st = GappedStraightThrough(0.5, 1.0), StraightThrough(0.5)
+    (gst_grad,) = torch.autograd.grad((gst.proxy(logits, hard) * weights).sum(), logits)
+    (st_grad,) = torch.autograd.grad((st.proxy(logits, hard) * weights).sum(), logits)
+    torch.testing.assert_close(gst_grad, st_grad)
+    assert gst_grad.abs().sum() > 0
+
+
 # ----- every estimator -----
 
 EVERY = {
@@ -391,7 +461,8 @@ EVERY = {
     "reinforce": lambda: Reinforce(), "reinforce_nvar": lambda: Reinforce(MovingAverageBaseline(0.9, True)),
     "nvil": lambda: Reinforce(LearnedBaseline(8)), "rloo": lambda: RLOO(3), "muprop": lambda: MuProp(),
     "exact": lambda: Exact(), "arm": lambda: ARM(), "disarm": lambda: DisARM(), "vimco": lambda: VIMCO(3),
-    "rebar": lambda: REBAR(), "relax": lambda: RELAX(hidden_size=8),
+    "rebar": lambda: REBAR(), "relax": lambda: RELAX(hidden_size=8), "darn": lambda: DARN(),
+    "gst": lambda: GappedStraightThrough(0.5), "gst_adaptive": lambda: GappedStraightThrough(0.5, "adaptive"),
 }
 
 
@@ -425,7 +496,7 @@ def test_state_survives_a_checkpoint_round_trip(name):
     restored.load_state_dict(estimator.state_dict())
     for key, value in estimator.state_dict().items():
         assert torch.equal(restored.state_dict()[key], value), key
-    if name in ("reinforce", "nvil", "muprop"):
+    if name in ("reinforce", "nvil", "muprop", "darn"):
         assert estimator.state_dict()["baseline.weight"] > 0
     if name in ("rebar", "relax"):
         assert {"eta", "log_temperature"} <= set(estimator.state_dict())
@@ -433,7 +504,7 @@ def test_state_survives_a_checkpoint_round_trip(name):
 
 @pytest.mark.parametrize("tau", [0.0, -0.5, math.inf, math.nan])
 def test_temperature_estimators_reject_bad_temperature(tau):
-    for cls in (GumbelSoftmax, STGumbelSoftmax, StraightThrough, GumbelRao, ReinMax):
+    for cls in (GumbelSoftmax, STGumbelSoftmax, StraightThrough, GumbelRao, ReinMax, GappedStraightThrough):
         with pytest.raises(ValueError, match=r"estimator\.tau must be a positive finite number"):
             cls(tau=tau)
     estimator = STGumbelSoftmax(1.0)

@@ -6,11 +6,12 @@ from catvae.estimators.binary import ARM, DisARM
 from catvae.estimators.control_variates import RELAX, REBAR
 from catvae.estimators.exact import Exact
 from catvae.estimators.multi_sample import VIMCO
-from catvae.estimators.relaxed import GumbelRao, GumbelSoftmax, ReinMax, STGumbelSoftmax, StraightThrough
-from catvae.estimators.score_function import RLOO, MuProp, Reinforce
+from catvae.estimators.relaxed import GappedStraightThrough, GumbelRao, GumbelSoftmax, ReinMax, STGumbelSoftmax, StraightThrough
+from catvae.estimators.score_function import DARN, RLOO, MuProp, Reinforce
 
 __all__ = [
-    "ARM", "REBAR", "RELAX", "VIMCO", "Baseline", "DisARM", "Estimate", "Estimator", "Exact", "GumbelRao", "GumbelSoftmax", "LearnedBaseline",
+    "ARM", "DARN", "REBAR", "RELAX", "VIMCO", "Baseline", "DisARM", "Estimate", "Estimator", "Exact",
+    "GappedStraightThrough", "GumbelRao", "GumbelSoftmax", "LearnedBaseline",
     "MovingAverageBaseline", "MuProp", "NoBaseline", "Objective", "RLOO", "Reinforce", "ReinMax", "STGumbelSoftmax",
     "StraightThrough", "TemperatureEstimator",
 ]

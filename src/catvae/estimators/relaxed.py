@@ -114,3 +114,43 @@ class ReinMax(StraightThroughEstimator):
         shift = torch.where(midpoint > 0, midpoint.log() - logits, torch.full_like(logits, -math.inf)).detach()
         pi_1 = F.softmax(logits + shift, dim=-1)
         return 2 * pi_1 - pi_0 / 2
+
+
+class GappedStraightThrough(StraightThroughEstimator):
+    """Gapped Straight-Through (Fan et al. 2022): the ST Gumbel-Softmax gradient with the Gumbel noise
+    replaced by a deterministic perturbation m(theta, D) that makes the sampled class i the argmax of the
+    perturbed logits by a gap kappa (theta = logits, k = argmax theta):
+
+        theta~_i = theta_k,   theta~_j = min(theta_j, theta_k - kappa)  (j != i),
+        theta~   = theta + sg(theta~ - theta),   proxy = softmax(theta~ / tau),
+
+    so the gradient is the softmax Jacobian at theta~, with no noise beyond the sample D itself.
+    ``gap`` is kappa: a positive number (the paper's default, 1.0), or ``"adaptive"`` for the paper's
+    GST-p choice kappa = -log(1 - pi_i) / pi_i, pi_i = softmax(theta)_i (which tends to 1 as pi_i -> 0).
+    Masked classes (theta_j = -inf) stay at -inf.
+    """
+
+    name = "gst"
+
+    def __init__(self, tau: float = 1.0, gap: float | str = 1.0, name: str | None = None, optim: dict | None = None):
+        super().__init__(tau, name, optim)
+        adaptive = gap == "adaptive"
+        if not adaptive and (isinstance(gap, (bool, str)) or not math.isfinite(gap) or gap <= 0):
+            raise ValueError(f"estimator.gap must be a positive finite number or 'adaptive', got {gap!r}")
+        self.gap = gap
+
+    def gap_size(self, logits: Tensor, hard: Tensor) -> Tensor | float:
+        """kappa, a number or (B, N, 1) for the adaptive choice."""
+        if self.gap != "adaptive":
+            return float(self.gap)
+        pi_i = (F.softmax(logits, dim=-1) * hard).sum(-1, keepdim=True)
+        pi_i = pi_i.clamp(1e-12, 1 - 1e-5)  # kappa -> 1 as pi_i -> 0; finite as pi_i -> 1
+        return -torch.log1p(-pi_i) / pi_i
+
+    def proxy(self, logits: Tensor, hard: Tensor) -> Tensor:
+        logits, hard = logits.float(), hard.float()
+        top = logits.amax(dim=-1, keepdim=True)  # theta_k, (B, N, 1)
+        capped = torch.minimum(logits, top - self.gap_size(logits, hard))
+        perturbed = torch.where(hard > 0, top.expand_as(logits), capped)
+        shift = torch.where(torch.isfinite(logits), perturbed - logits, torch.zeros_like(logits)).detach()
+        return F.softmax((logits + shift - top.detach()) / self.tau, dim=-1)

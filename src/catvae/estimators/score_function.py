@@ -1,4 +1,4 @@
-"""Score-function (REINFORCE) estimators: REINFORCE with baselines (and NVIL), RLOO, MuProp."""
+"""Score-function (REINFORCE) estimators: REINFORCE with baselines (and NVIL), RLOO, MuProp, DARN."""
 
 from __future__ import annotations
 
@@ -17,6 +17,19 @@ def score_function_surrogate(loss: Tensor, log_q: Tensor, advantage: Tensor) -> 
     (f - b, or another centred signal) is detached so only log q(z) carries the score term.
     """
     return loss + advantage.detach() * log_q
+
+
+def value_and_slope(objective: Objective, point: Tensor) -> tuple[Tensor, Tensor]:
+    """f(point) (B,) and its gradient f'(point) = d f / d z at ``point`` (B, N, K), the slope detached.
+
+    ``point`` enters as a fresh leaf, so f's graph to its own parameters (the decoder) is kept for a later
+    backward pass, while no gradient flows back to whatever produced ``point``. Works under ``no_grad``.
+    """
+    with torch.enable_grad():
+        leaf = point.detach().requires_grad_(True)
+        value = objective(leaf)
+        (slope,) = torch.autograd.grad(value.sum(), leaf, retain_graph=True)
+    return value, slope
 
 
 def check_sample_count(value: object, minimum: int) -> int:
@@ -121,10 +134,7 @@ class MuProp(BaselineEstimator):
         self.check_logits(logits)
         z = sample_categorical(logits)  # (B, N, K)
         pi = torch.softmax(logits.float(), dim=-1).to(logits.dtype)  # (B, N, K)
-        with torch.enable_grad():
-            mean_field = pi.detach().requires_grad_(True)
-            f_bar = objective(mean_field)  # (B,)
-            (slope,) = torch.autograd.grad(f_bar.sum(), mean_field)  # f'(pi), (B, N, K)
+        f_bar, slope = value_and_slope(objective, pi)  # f(pi) (B,), f'(pi) (B, N, K)
         loss = objective(z)  # (B,)
         log_q = categorical_log_prob(logits, z)  # (B,)
         taylor = f_bar.detach() + (slope * (z - pi.detach())).sum((-1, -2))  # (B,)
@@ -132,4 +142,29 @@ class MuProp(BaselineEstimator):
         # gradient f'(pi) . grad pi, divided by the baseline's scale like the score term it complements
         mean_field_term = (slope * pi).sum((-1, -2)) / self.baseline.scale()
         surrogate = score_function_surrogate(loss, log_q, advantage) + mean_field_term + baseline_loss
+        return Estimate(loss=loss, surrogate=surrogate, z=z)
+
+
+class DARN(BaselineEstimator):
+    """DARN (Gregor et al. 2014; written as in Gu et al. 2016, Eq. 5-7): the learning signal is a
+    first-order Taylor expansion of f taken at the sample z itself and measured from a fixed point x_bar,
+
+        grad = [f'(z).(z - x_bar) - b] grad log q(z) + grad f(z),      x_bar = 1/K in every class,
+
+    i.e. 1/2 for Bernoulli latents, as in DARN; for K > 2 we follow MuProp's categorical choice
+    (masked classes included in the 1/K). Unlike MuProp nothing corrects the expansion, so the estimator is
+    biased wherever f is not linear in z; for linear f the signal is f(z) minus a constant and the
+    gradient is unbiased. ``baseline`` centres the signal (variance-normalised in Jang et al.'s Table 1).
+    Costs one extra backward pass, through the objective only, for f'(z).
+    """
+
+    name = "darn"
+
+    def forward(self, logits: Tensor, objective: Objective, context: Tensor | None = None) -> Estimate:
+        self.check_logits(logits)
+        z = sample_categorical(logits)  # (B, N, K)
+        loss, slope = value_and_slope(objective, z)  # f(z) (B,), f'(z) (B, N, K)
+        signal = (slope * (z - 1.0 / logits.shape[-1])).sum((-1, -2))  # (B,)
+        advantage, baseline_loss = self.centred(signal, context)
+        surrogate = score_function_surrogate(loss, categorical_log_prob(logits, z), advantage) + baseline_loss
         return Estimate(loss=loss, surrogate=surrogate, z=z)
