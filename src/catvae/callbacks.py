@@ -39,13 +39,17 @@ class TemperatureSchedule(pl.Callback):
 
 
 class ConstantTemperature(TemperatureSchedule):
-    """tau stays at the estimator's configured value (``estimator.tau``)."""
+    """A fixed tau: ``tau`` if given (sweepable across estimators: those without a temperature ignore it),
+    otherwise the estimator's configured value (``estimator.tau``)."""
 
-    def __init__(self, name: str = "constant"):
+    def __init__(self, tau: float | None = None, name: str = "constant"):
         super().__init__(name)
+        if tau is not None:
+            check_temperature(tau, "schedule.tau")
+        self.tau = tau
 
     def value(self, step: int) -> float | None:
-        return None
+        return self.tau
 
 
 class SteppedSchedule(TemperatureSchedule):
@@ -131,3 +135,43 @@ class ImageGrids(pl.Callback):
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     logger.log_image(key=f"val/{kind}", images=[grid], step=trainer.global_step)
+
+
+class CodeUsage(pl.Callback):
+    """How many classes each latent variable actually uses on the validation set.
+
+    For each variable n, the frequency u_nk with which class k is the argmax of q(z_n|x) over the validation
+    images. Logged each validation epoch: ``val/classes_used`` (mean over n of #{k : u_nk >= min_frequency}) and
+    ``val/code_perplexity`` (mean over n of exp H(u_n), the effective number of classes); the (N, K) map of u
+    is saved as ``images/code_usage_epochXXX.png`` (one row per variable, white = frequent) and sent to W&B as
+    ``val/code_usage``.
+    """
+
+    def __init__(self, output_dir: str, min_frequency: float = 0.01, pixels_per_cell: int = 8):
+        if not 0 < min_frequency < 1:
+            raise ValueError(f"callbacks.code_usage.min_frequency must be in (0, 1), got {min_frequency!r}")
+        self.dir = Path(output_dir) / "images"
+        self.min_frequency, self.pixels_per_cell = min_frequency, pixels_per_cell
+        self.counts: torch.Tensor | None = None
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.counts = torch.zeros(pl_module.n_vars, pl_module.n_classes, device=pl_module.device)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        logits = pl_module.encode(pl_module.flatten(batch))[0]  # (B, N, K)
+        self.counts += torch.nn.functional.one_hot(logits.argmax(-1), pl_module.n_classes).sum(0)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.counts is None or self.counts.sum() == 0:
+            return
+        usage = self.counts / self.counts.sum(-1, keepdim=True)  # (N, K)
+        entropy = -(usage * usage.clamp_min(1e-12).log()).sum(-1)
+        pl_module.log_dict({"val/classes_used": (usage >= self.min_frequency).sum(-1).float().mean(),
+                            "val/code_perplexity": entropy.exp().mean()})
+        image = (usage / usage.max()).repeat_interleave(self.pixels_per_cell, 0)
+        image = image.repeat_interleave(self.pixels_per_cell, 1)[None].float().cpu()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        save_image(image, self.dir / f"code_usage_epoch{trainer.current_epoch:03d}.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="val/code_usage", images=[image], step=trainer.global_step)

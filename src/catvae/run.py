@@ -88,6 +88,7 @@ def run(cfg: DictConfig) -> dict:
         "experiment": cfg.experiment_name,
         "estimator": estimator.name,
         "seed": cfg.seed,
+        "tau": getattr(estimator, "tau", None),  # the final temperature, for estimators that have one
         "metrics": {key: float(value) for key, value in test_metrics.items()},
         "tested_checkpoint": ckpt_path and str(getattr(trainer.checkpoint_callback, f"{ckpt_path}_model_path")),
         "global_step": trainer.global_step,

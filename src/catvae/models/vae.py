@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from catvae.estimators import Estimator
+from catvae.estimators import Estimate, Estimator
 from catvae.evaluation import importance_weighted_nll
 from catvae.models.networks import mlp
 from catvae.relaxations import categorical_log_prob, kl_to_uniform, sample_categorical
@@ -50,7 +50,8 @@ class CategoricalVAE(pl.LightningModule):
         self.encoder_body = mlp([input_dim, *hidden_sizes], final_activation=True)
         self.to_logits = torch.nn.Linear(hidden_sizes[-1] if hidden_sizes else input_dim, latent_dim)
         self.decoder = mlp([latent_dim, *reversed(hidden_sizes), input_dim])
-        estimator.bind(n_vars, n_classes, context_dim=hidden_sizes[-1] if hidden_sizes else input_dim)
+        self.estimator_context_dim = hidden_sizes[-1] if hidden_sizes else input_dim
+        estimator.bind(n_vars, n_classes, context_dim=self.estimator_context_dim)
 
     # ----- the model -----
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -58,6 +59,10 @@ class CategoricalVAE(pl.LightningModule):
         features = self.encoder_body(x)  # (B, H)
         logits = self.to_logits(features).view(-1, self.n_vars, self.n_classes)  # (B, N, K)
         return logits, features
+
+    def encoder_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters of q(z|x), whose gradients the estimators estimate."""
+        return [*self.encoder_body.parameters(), *self.to_logits.parameters()]
 
     def decode(self, z: Tensor) -> Tensor:
         """z (..., B, N, K) -> Bernoulli logits of x (..., B, D)."""
@@ -77,15 +82,24 @@ class CategoricalVAE(pl.LightningModule):
         return batch[0].flatten(1)  # (B, D)
 
     # ----- Lightning hooks -----
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x = self.flatten(batch)
+    def nelbo_estimate(self, x: Tensor, estimator: Estimator | None = None) -> tuple[Estimate, Tensor, Tensor]:
+        """One estimate of the negative ELBO of x (B, D) by ``estimator`` (default: the held one).
+
+        Returns (estimate, kl (B,), logits (B, N, K)); the gradient of (estimate.surrogate + kl).mean() is the
+        training gradient. With an analytic-KL estimator f(z) = -log p(x|z) and the KL is closed-form;
+        otherwise f(z) = -log p(x|z) - log p(z) + log q(z|x), the whole sampled bound, and kl = 0.
+        """
+        estimator = self.estimator if estimator is None else estimator
         logits, features = self.encode(x)
-        if self.estimator.analytic_kl:  # f(z) = -log p(x|z); the KL is added in closed form
+        if estimator.analytic_kl:
             objective, kl = (lambda z: self.reconstruction_nll(x, z)), kl_to_uniform(logits)  # kl (B,)
-        else:  # the estimator's objective is the whole sampled bound: f(z) = -log p(x|z) - log p(z) + log q(z|x)
+        else:
             objective = lambda z: self.reconstruction_nll(x, z) - self.log_prior() + categorical_log_prob(logits, z)  # noqa: E731
             kl = torch.zeros_like(logits[:, 0, 0])
-        estimate = self.estimator(logits, objective, context=features)
+        return estimator(logits, objective, context=features), kl, logits
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        estimate, kl, _ = self.nelbo_estimate(self.flatten(batch))
         self.log("train/loss", (estimate.loss.detach() + kl.detach()).mean(), on_step=True, on_epoch=False)
         return (estimate.surrogate + kl).mean()
 

@@ -1,0 +1,249 @@
+"""Compare training runs from their local files (no W&B needed).
+
+    python scripts/compare.py RUN_OR_MULTIRUN_DIR [...] [--out DIR]
+
+A run directory holds ``.hydra/config.yaml`` (and, once finished, ``results.json`` and ``csv/metrics.csv``);
+a multirun directory holds run directories. Writes to ``--out`` (default: the first directory's
+``comparison/``):
+
+- ``summary.md`` / ``summary.csv``: per estimator and tau, the number of seeds and mean +- std over seeds of
+  test/nll_iw, test/nelbo, the best val/nelbo and the last logged gradient variance;
+- ``runs.csv``: one row per run, unfinished or failed runs included with their status;
+- ``val_nelbo.png`` (validation -ELBO against steps, one panel per estimator, a line per tau, band = min..max over
+  seeds), ``nll_vs_tau.png`` (test/nll_iw against tau, error bars = std over seeds; estimators without a
+  temperature as horizontal lines), ``grad_variance.png`` (the run's estimator's gradient variance against
+  steps, from callbacks=grad_diagnostics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+SUMMARY_METRICS = ("test/nll_iw", "test/nelbo", "best val/nelbo", "grad var")
+
+
+@dataclass
+class Run:
+    directory: Path
+    estimator: str
+    tau: float | None
+    seed: int
+    status: str  # finished | unfinished (no results.json: failed, killed or still running)
+    metrics: dict[str, float] = field(default_factory=dict)
+    rows: list[dict[str, str]] = field(default_factory=list)
+
+    def series(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) for every CSV row where ``key`` was logged."""
+        return [(int(float(row["step"])), float(row[key])) for row in self.rows if row.get(key) not in (None, "")]
+
+    @property
+    def group(self) -> tuple[str, float | None]:
+        return self.estimator, self.tau
+
+
+def find_run_dirs(path: Path) -> list[Path]:
+    if (path / ".hydra" / "config.yaml").is_file():
+        return [path]
+    return sorted((p.parent.parent for p in path.rglob(".hydra/config.yaml")), key=lambda p: str(p))
+
+
+def configured_tau(config) -> float | None:
+    schedule_tau = OmegaConf.select(config, "schedule.tau")
+    return schedule_tau if schedule_tau is not None else OmegaConf.select(config, "estimator.tau")
+
+
+def load_run(directory: Path) -> Run:
+    config = OmegaConf.load(directory / ".hydra" / "config.yaml")
+    results_file, metrics_file = directory / "results.json", directory / "csv" / "metrics.csv"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    rows = list(csv.DictReader(metrics_file.open())) if metrics_file.is_file() else []
+    estimator = results.get("estimator") or OmegaConf.select(config, "estimator.name") or "?"
+    tau = results["tau"] if results.get("tau") is not None else None
+    if not results and OmegaConf.select(config, "estimator.tau") is not None:
+        tau = configured_tau(config)
+    run = Run(directory, estimator, tau, int(config.seed), "finished" if results else "unfinished",
+              dict(results.get("metrics", {})), rows)
+    val = run.series("val/nelbo")
+    if val:
+        run.metrics["best val/nelbo"] = min(v for _, v in val)
+    grad = run.series(f"grad/{estimator}/var")
+    if grad:
+        run.metrics["grad var"] = grad[-1][1]
+    return run
+
+
+def load_runs(paths: list[Path]) -> list[Run]:
+    directories = [d for path in paths for d in find_run_dirs(path)]
+    if not directories:
+        raise SystemExit(f"no runs found under {', '.join(map(str, paths))}: a run directory holds "
+                         f".hydra/config.yaml, a multirun directory holds run directories")
+    return [load_run(d) for d in directories]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def summarise(runs: list[Run]) -> list[dict]:
+    groups: dict[tuple, list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.status == "finished":
+            groups[run.group].append(run)
+    rows = []
+    for (estimator, tau), members in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
+        row = {"estimator": estimator, "tau": tau, "seeds": len(members)}
+        for key in SUMMARY_METRICS:
+            row[key] = mean_std([r.metrics[key] for r in members if key in r.metrics])
+        rows.append(row)
+    return rows
+
+
+def format_cell(value: tuple[float, float]) -> str:
+    mean, std = value
+    if math.isnan(mean):
+        return "-"
+    text = f"{mean:.4g}" if abs(mean) < 1e-2 or abs(mean) >= 1e4 else f"{mean:.2f}"
+    return text if math.isnan(std) else f"{text} +- {std:.2g}"
+
+
+def write_tables(runs: list[Run], summary: list[dict], out: Path) -> None:
+    lines = ["| estimator | tau | seeds | " + " | ".join(SUMMARY_METRICS) + " |",
+             "|---|---|---|" + "---|" * len(SUMMARY_METRICS)]
+    for row in summary:
+        tau = "-" if row["tau"] is None else f"{row['tau']:g}"
+        lines.append(f"| {row['estimator']} | {tau} | {row['seeds']} | "
+                     + " | ".join(format_cell(row[key]) for key in SUMMARY_METRICS) + " |")
+    unfinished = [r for r in runs if r.status != "finished"]
+    if unfinished:
+        lines += ["", "Unfinished or failed runs (no results.json):", ""]
+        lines += [f"- `{r.directory}`: {r.estimator}, tau {r.tau}, seed {r.seed}, "
+                  f"last logged step {max((s for s, _ in r.series('train/loss')), default='none')}" for r in unfinished]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    with (out / "summary.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["estimator", "tau", "seeds"] + [f"{k} {s}" for k in SUMMARY_METRICS for s in ("mean", "std")])
+        for row in summary:
+            writer.writerow([row["estimator"], row["tau"], row["seeds"]] + [v for k in SUMMARY_METRICS for v in row[k]])
+    with (out / "runs.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["directory", "status", "estimator", "tau", "seed", *SUMMARY_METRICS])
+        for r in runs:
+            writer.writerow([r.directory, r.status, r.estimator, r.tau, r.seed,
+                             *(r.metrics.get(k, "") for k in SUMMARY_METRICS)])
+
+
+def by_estimator(runs: list[Run]) -> dict[str, dict[float | None, list[Run]]]:
+    grouped: dict[str, dict] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        grouped[run.estimator][run.tau].append(run)
+    return grouped
+
+
+def plot_curves(runs: list[Run], key_of, ylabel: str, path: Path, log_y: bool = False) -> bool:
+    """One panel per estimator, one line per tau (mean over seeds at the steps all seeds share, band min..max)."""
+    grouped = {name: taus for name, taus in by_estimator(runs).items()
+               if any(r.series(key_of(name)) for rs in taus.values() for r in rs)}
+    if not grouped:
+        return False
+    fig, axes = plt.subplots(1, len(grouped), figsize=(4.2 * len(grouped), 3.4), squeeze=False, sharey=True)
+    for ax, (name, taus) in zip(axes[0], sorted(grouped.items())):
+        for tau, members in sorted(taus.items(), key=lambda item: item[0] or 0):
+            series = [dict(r.series(key_of(name))) for r in members]
+            steps = sorted(set.intersection(*(set(s) for s in series)))
+            if not steps:
+                continue
+            values = [[s[step] for s in series] for step in steps]
+            label = "-" if tau is None else f"tau={tau:g}"
+            line, = ax.plot(steps, [statistics.fmean(v) for v in values], label=f"{label} ({len(members)} seeds)")
+            if len(members) > 1:
+                ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2,
+                                color=line.get_color())
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        if log_y:
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_nll_vs_tau(summary: list[dict], path: Path) -> bool:
+    rows = [r for r in summary if not math.isnan(r["test/nll_iw"][0])]
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    taus = sorted({r["tau"] for r in rows if r["tau"] is not None})
+    for index, name in enumerate(sorted({r["estimator"] for r in rows})):
+        color = plt.get_cmap("tab10")(index % 10)
+        mine = sorted((r for r in rows if r["estimator"] == name), key=lambda r: r["tau"] or 0)
+        if mine[0]["tau"] is None:
+            ax.axhline(mine[0]["test/nll_iw"][0], linestyle="--", linewidth=1, color=color, label=f"{name} (no tau)")
+            continue
+        std = [0.0 if math.isnan(r["test/nll_iw"][1]) else r["test/nll_iw"][1] for r in mine]
+        ax.errorbar([r["tau"] for r in mine], [r["test/nll_iw"][0] for r in mine], yerr=std, marker="o",
+                    capsize=3, color=color, label=name)
+    if taus:
+        ax.set_xscale("log")
+        ax.set_xticks(taus, [f"{t:g}" for t in taus])
+    ax.set_xlabel("tau")
+    ax.set_ylabel("test/nll_iw (nats)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def compare(paths: list[Path], out: Path) -> dict:
+    runs = load_runs(paths)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarise(runs)
+    write_tables(runs, summary, out)
+    figures = {
+        "val_nelbo.png": plot_curves(runs, lambda name: "val/nelbo", "val/nelbo (nats)", out / "val_nelbo.png"),
+        "nll_vs_tau.png": plot_nll_vs_tau(summary, out / "nll_vs_tau.png"),
+        "grad_variance.png": plot_curves(runs, lambda name: f"grad/{name}/var", "gradient variance (encoder)",
+                                         out / "grad_variance.png", log_y=True),
+    }
+    return {"runs": runs, "summary": summary, "figures": figures}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("dirs", nargs="+", type=Path, help="run or multirun directories")
+    parser.add_argument("--out", type=Path, help="output directory (default: <first dir>/comparison)")
+    args = parser.parse_args(argv)
+    missing = [d for d in args.dirs if not d.is_dir()]
+    if missing:
+        raise SystemExit(f"not a directory: {', '.join(map(str, missing))}")
+    out = args.out or args.dirs[0] / "comparison"
+    result = compare(args.dirs, out)
+    print((out / "summary.md").read_text())
+    for name, written in result["figures"].items():
+        print(f"{out / name}" if written else f"{name}: nothing to plot (no such metric in these runs)")
+    failed = sum(r.status != "finished" for r in result["runs"])
+    if failed:
+        print(f"{failed} of {len(result['runs'])} runs unfinished or failed (listed in summary.md)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
