@@ -7,7 +7,7 @@ a multirun directory holds run directories. Writes to ``--out`` (default: the fi
 ``comparison/``):
 
 - ``summary.md`` / ``summary.csv``: per estimator and tau, the number of seeds and mean +- std over seeds of
-  test/nll_iw, test/nelbo, the best val/nelbo and the last logged gradient variance;
+  test/nll_iw, test/nelbo, the best val/nelbo, the last logged gradient variance, training steps and wall time;
 - ``runs.csv``: one row per run, unfinished or failed runs included with their status;
 - ``val_nelbo.png`` (validation -ELBO against steps, one panel per estimator, a line per tau, band = min..max over
   seeds), ``nll_vs_tau.png`` (test/nll_iw against tau, error bars = std over seeds; estimators without a
@@ -33,7 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-SUMMARY_METRICS = ("test/nll_iw", "test/nelbo", "best val/nelbo", "grad var")
+SUMMARY_METRICS = ("test/nll_iw", "test/nelbo", "best val/nelbo", "grad var", "steps", "wall time (min)")
 
 
 @dataclass
@@ -77,6 +77,9 @@ def load_run(directory: Path) -> Run:
         tau = configured_tau(config)
     run = Run(directory, estimator, tau, int(config.seed), "finished" if results else "unfinished",
               dict(results.get("metrics", {})), rows)
+    if results:
+        run.metrics["steps"] = results["global_step"]
+        run.metrics["wall time (min)"] = results["wall_time_s"] / 60
     val = run.series("val/nelbo")
     if val:
         run.metrics["best val/nelbo"] = min(v for _, v in val)

@@ -29,21 +29,3 @@ def test_readme_lists_every_estimator_and_metric():
         assert f"`{path.stem}`" in README, f"estimator {path.stem} is missing from README.md"
     for metric in ("train/loss", "val/nelbo", "test/nelbo", "test/nll_iw", "tau"):
         assert re.search(rf"`{re.escape(metric)}`", README), metric
-
-
-def test_collect_results_tabulates_runs_and_rejects_empty_dirs(tmp_path, capsys):
-    import json
-    import subprocess
-    import sys
-
-    run_dir = tmp_path / "sweep" / "0"
-    run_dir.mkdir(parents=True)
-    (run_dir / "results.json").write_text(json.dumps({
-        "experiment": "x", "estimator": "gumbel_softmax", "seed": 1, "global_step": 50000, "wall_time_s": 600.0,
-        "output_dir": str(run_dir), "metrics": {"test/nll_iw": 93.21, "test/nelbo": 98.5}}))
-    script = str(ROOT / "scripts" / "collect_results.py")
-    table = subprocess.run([sys.executable, script, str(tmp_path / "sweep")], capture_output=True, text=True, check=True)
-    assert "| gumbel_softmax | 1 | 93.21 | 98.50 | 50000 | 10.0 |" in table.stdout
-    (tmp_path / "empty").mkdir()
-    failed = subprocess.run([sys.executable, script, str(tmp_path / "empty")], capture_output=True, text=True)
-    assert failed.returncode != 0 and "no results.json under" in failed.stderr
