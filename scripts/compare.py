@@ -61,20 +61,14 @@ def find_run_dirs(path: Path) -> list[Path]:
     return sorted((p.parent.parent for p in path.rglob(".hydra/config.yaml")), key=lambda p: str(p))
 
 
-def configured_tau(config) -> float | None:
-    schedule_tau = OmegaConf.select(config, "schedule.tau")
-    return schedule_tau if schedule_tau is not None else OmegaConf.select(config, "estimator.tau")
-
-
 def load_run(directory: Path) -> Run:
     config = OmegaConf.load(directory / ".hydra" / "config.yaml")
     results_file, metrics_file = directory / "results.json", directory / "csv" / "metrics.csv"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     rows = list(csv.DictReader(metrics_file.open())) if metrics_file.is_file() else []
     estimator = results.get("estimator") or OmegaConf.select(config, "estimator.name") or "?"
-    tau = results["tau"] if results.get("tau") is not None else None
-    if not results and OmegaConf.select(config, "estimator.tau") is not None:
-        tau = configured_tau(config)
+    # the final temperature of a finished run, the configured one of an unfinished run
+    tau = results.get("tau") if results else OmegaConf.select(config, "estimator.tau")
     run = Run(directory, estimator, tau, int(config.seed), "finished" if results else "unfinished",
               dict(results.get("metrics", {})), rows)
     if results:
@@ -121,7 +115,12 @@ def format_cell(value: tuple[float, float]) -> str:
     mean, std = value
     if math.isnan(mean):
         return "-"
-    text = f"{mean:.4g}" if abs(mean) < 1e-2 or abs(mean) >= 1e4 else f"{mean:.2f}"
+    if float(mean).is_integer() and math.isnan(std):
+        text = f"{int(mean)}"
+    elif abs(mean) < 1e-2 or abs(mean) >= 1e4:
+        text = f"{mean:.4g}"
+    else:
+        text = f"{mean:.2f}"
     return text if math.isnan(std) else f"{text} +- {std:.2g}"
 
 

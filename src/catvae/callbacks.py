@@ -39,17 +39,13 @@ class TemperatureSchedule(pl.Callback):
 
 
 class ConstantTemperature(TemperatureSchedule):
-    """A fixed tau: ``tau`` if given (sweepable across estimators: those without a temperature ignore it),
-    otherwise the estimator's configured value (``estimator.tau``)."""
+    """tau stays at the estimator's configured value (``estimator.tau``)."""
 
-    def __init__(self, tau: float | None = None, name: str = "constant"):
+    def __init__(self, name: str = "constant"):
         super().__init__(name)
-        if tau is not None:
-            check_temperature(tau, "schedule.tau")
-        self.tau = tau
 
     def value(self, step: int) -> float | None:
-        return self.tau
+        return None
 
 
 class SteppedSchedule(TemperatureSchedule):
