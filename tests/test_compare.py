@@ -1,0 +1,99 @@
+"""scripts/compare.py on a real 2x2 multirun (estimator x tau, with gradient diagnostics and the joblib
+launcher), and scripts/figures.py against the limits of the Gumbel-Softmax distribution."""
+
+import csv
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import FAST, ROOT
+from test_training import train_cli
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def script(name: str, *args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """2 estimators x 2 temperatures, run in parallel by the joblib launcher, diagnostics every 4 steps."""
+    tmp_path = tmp_path_factory.mktemp("compare")
+    overrides = [o for o in FAST if not o.startswith("trainer.max_epochs")]
+    done = train_cli("-m", *overrides, "trainer.max_epochs=2", "callbacks=grad_diagnostics",
+                     "callbacks.grad_diagnostics.every_n_steps=4", "callbacks.grad_diagnostics.n_draws=4",
+                     "estimator=gumbel_softmax,st_gumbel_softmax", "estimator.tau=0.5,1.0",
+                     "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}/sweep",
+                     cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp_path / "sweep"
+
+
+def test_compare_writes_the_tables_and_every_figure(sweep, tmp_path):
+    done = script("compare.py", sweep, "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    for estimator in ("gumbel_softmax", "st_gumbel_softmax"):
+        for tau in ("0.5", "1"):
+            assert f"| {estimator} | {tau} | 1 |" in summary
+    with open(tmp_path / "out" / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 and all(float(row["test/nll_iw mean"]) > 0 for row in rows)
+    assert all(float(row["grad var mean"]) > 0 for row in rows)  # diagnostics reached the table
+    for figure in ("val_nelbo.png", "nll_vs_tau.png", "grad_variance.png"):
+        assert (tmp_path / "out" / figure).read_bytes()[:8] == PNG_MAGIC, figure
+
+
+def test_compare_lists_unfinished_runs(sweep, tmp_path):
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy)
+    (copy / "3" / "results.json").unlink()  # as if job 3 had failed or been killed
+    done = script("compare.py", copy)
+    assert done.returncode == 0, done.stderr
+    summary = (copy / "comparison" / "summary.md").read_text()
+    assert "Unfinished or failed runs" in summary and str(copy / "3") in summary
+    assert "1 of 4 runs unfinished or failed" in done.stderr
+    with open(copy / "comparison" / "runs.csv") as handle:
+        statuses = {row["directory"].rsplit("/", 1)[-1]: row["status"] for row in csv.DictReader(handle)}
+    assert statuses == {"0": "finished", "1": "finished", "2": "finished", "3": "unfinished"}
+
+
+def test_compare_fails_clearly_without_runs(tmp_path):
+    (tmp_path / "empty").mkdir()
+    done = script("compare.py", tmp_path / "empty")
+    assert done.returncode != 0 and "no runs found under" in done.stderr
+    done = script("compare.py", tmp_path / "missing")
+    assert done.returncode != 0 and "not a directory" in done.stderr
+
+
+def test_figure1_and_the_mean_soft_sample_table(tmp_path):
+    done = script("figures.py", "--out", tmp_path, "--samples", "100000")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "gumbel_softmax_figure1.png").read_bytes()[:8] == PNG_MAGIC
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1]
+            for line in (tmp_path / "gumbel_softmax_mean.md").read_text().splitlines()[2:]}
+
+    def means(tau):
+        return torch.tensor([float(cell.split("+-")[0]) for cell in rows[tau]])
+
+    def errors(tau):
+        return torch.tensor([float(cell.split("+-")[1]) for cell in rows[tau]])
+
+    pi = torch.tensor([0.15, 0.4, 0.45])
+    # tau -> 0: E[y] -> pi (Gumbel-max), within 4 standard errors (+ rounding); tau -> inf: -> uniform
+    assert ((means("0.01") - pi).abs() <= 4 * errors("0.01") + 1e-4).all()
+    assert (means("100") - 1 / 3).abs().max() < 0.005
+    # and in between, the smallest class's mean grows monotonically with tau
+    taus = ["0.01", "0.1", "0.5", "1", "2", "5", "10", "100"]
+    smallest = [means(t)[0].item() for t in taus]
+    assert smallest == sorted(smallest)
+
+
+def test_figures_rejects_bad_probabilities(tmp_path):
+    done = script("figures.py", "--out", tmp_path, "--probs", "0.5", "0.6")
+    assert done.returncode != 0 and "--probs must be >= 2 positive numbers summing to 1" in done.stderr
