@@ -8,7 +8,7 @@ a multirun directory holds run directories. Writes to ``--out`` (default: the fi
 
 - ``summary.md`` / ``summary.csv``: per estimator and tau, the number of seeds and mean +- std over seeds of
   test/nll_iw, test/nelbo, the best val/nelbo, the last logged gradient variance, training steps and wall time;
-- ``runs.csv``: one row per run, unfinished or failed runs included with their status;
+- ``runs.csv``: one row per run, failed (with the error from its status.json) and unfinished runs included;
 - ``val_nelbo.png`` (validation -ELBO against steps, one panel per estimator, a line per tau, band = min..max over
   seeds), ``nll_vs_tau.png`` (test/nll_iw against tau, error bars = std over seeds; estimators without a
   temperature as horizontal lines), ``grad_variance.png`` (the run's estimator's gradient variance against
@@ -42,9 +42,10 @@ class Run:
     estimator: str
     tau: float | None
     seed: int
-    status: str  # finished | unfinished (no results.json: failed, killed or still running)
+    status: str  # finished | failed (status.json says why) | unfinished (killed or still running)
     metrics: dict[str, float] = field(default_factory=dict)
     rows: list[dict[str, str]] = field(default_factory=list)
+    error: str | None = None
 
     def series(self, key: str) -> list[tuple[int, float]]:
         """(step, value) for every CSV row where ``key`` was logged."""
@@ -69,8 +70,11 @@ def load_run(directory: Path) -> Run:
     estimator = results.get("estimator") or OmegaConf.select(config, "estimator.name") or "?"
     # the final temperature of a finished run, the configured one of an unfinished run
     tau = results.get("tau") if results else OmegaConf.select(config, "estimator.tau")
-    run = Run(directory, estimator, tau, int(config.seed), "finished" if results else "unfinished",
-              dict(results.get("metrics", {})), rows)
+    status_file = directory / "status.json"
+    recorded = json.loads(status_file.read_text()) if status_file.is_file() else {}
+    status = "finished" if results else ("failed" if recorded.get("status") == "failed" else "unfinished")
+    run = Run(directory, estimator, tau, int(config.seed), status, dict(results.get("metrics", {})), rows,
+              " ".join(recorded["error"].split()) if recorded.get("error") else None)
     if results:
         run.metrics["steps"] = results["global_step"]
         run.metrics["wall time (min)"] = results["wall_time_s"] / 60
@@ -134,8 +138,9 @@ def write_tables(runs: list[Run], summary: list[dict], out: Path) -> None:
     unfinished = [r for r in runs if r.status != "finished"]
     if unfinished:
         lines += ["", "Unfinished or failed runs (no results.json):", ""]
-        lines += [f"- `{r.directory}`: {r.estimator}, tau {r.tau}, seed {r.seed}, "
-                  f"last logged step {max((s for s, _ in r.series('train/loss')), default='none')}" for r in unfinished]
+        lines += [f"- `{r.directory}`: {r.status}; {r.estimator}, tau {r.tau}, seed {r.seed}, "
+                  f"last logged step {max((s for s, _ in r.series('train/loss')), default='none')}"
+                  + (f"; {r.error}" if r.error else "") for r in unfinished]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     with (out / "summary.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -144,10 +149,10 @@ def write_tables(runs: list[Run], summary: list[dict], out: Path) -> None:
             writer.writerow([row["estimator"], row["tau"], row["seeds"]] + [v for k in SUMMARY_METRICS for v in row[k]])
     with (out / "runs.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["directory", "status", "estimator", "tau", "seed", *SUMMARY_METRICS])
+        writer.writerow(["directory", "status", "estimator", "tau", "seed", *SUMMARY_METRICS, "error"])
         for r in runs:
             writer.writerow([r.directory, r.status, r.estimator, r.tau, r.seed,
-                             *(r.metrics.get(k, "") for k in SUMMARY_METRICS)])
+                             *(r.metrics.get(k, "") for k in SUMMARY_METRICS), r.error or ""])
 
 
 def by_estimator(runs: list[Run]) -> dict[str, dict[float | None, list[Run]]]:

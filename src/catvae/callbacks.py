@@ -1,7 +1,8 @@
-"""Lightning callbacks: temperature schedules and image grids."""
+"""Lightning callbacks: temperature schedules, image grids, code usage, the non-finite guard."""
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from pytorch_lightning.loggers import WandbLogger
 from torchvision.utils import make_grid, save_image
 
 from catvae.relaxations import check_temperature
+
+log = logging.getLogger(__name__)
 
 
 class TemperatureSchedule(pl.Callback):
@@ -171,3 +174,47 @@ class CodeUsage(pl.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="val/code_usage", images=[image], step=trainer.global_step)
+
+
+class NonFiniteGuard(pl.Callback):
+    """Catches a training step whose loss or gradients are not finite (NaN or inf), before the optimiser
+    applies it. ``policy="raise"`` stops the run with a FloatingPointError that names the step, the estimator
+    and the offending tensor; ``policy="skip"`` drops the step's gradients (Adam then leaves parameters and
+    moments untouched), counts it, and logs the count as ``train/skipped_steps``. Costs one device sync per step.
+    """
+
+    POLICIES = ("raise", "skip")
+
+    def __init__(self, policy: str = "raise"):
+        if policy not in self.POLICIES:
+            raise ValueError(f"callbacks.nonfinite_guard.policy={policy!r} is not allowed; "
+                             f"choose one of {list(self.POLICIES)}")
+        self.policy = policy
+        self.skipped = 0
+        self.bad: str | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.skipped = state_dict["skipped"]
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        self.bad = None if bool(torch.isfinite(loss.detach()).all()) else f"loss ({loss.detach().item()})"
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        named = [(name, p) for name, p in pl_module.named_parameters() if p.grad is not None]
+        if self.bad is None and named and not bool(torch.stack([torch.isfinite(p.grad).all() for _, p in named]).all()):
+            self.bad = next(f"gradient of {name}" for name, p in named if not bool(torch.isfinite(p.grad).all()))
+        if self.bad is None:
+            return
+        where = f"non-finite {self.bad} at step {trainer.global_step} with estimator {pl_module.estimator.name}"
+        if self.policy == "raise":
+            raise FloatingPointError(f"{where}; set callbacks.nonfinite_guard.policy=skip to skip such steps")
+        for _, p in named:
+            p.grad = None
+        self.skipped += 1
+        log.warning("skipped the update: %s (%d skipped so far)", where, self.skipped)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)

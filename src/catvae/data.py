@@ -100,22 +100,43 @@ class TensorBatchLoader:
 
     With ``dynamic`` binarization each batch is a fresh Bernoulli draw of its grey levels, from a
     generator seeded by (seed, epoch).
+
+    Resumable mid-epoch: Lightning saves :meth:`state_dict` in checkpoints and, on resume, calls
+    :meth:`load_state_dict` before iterating, so the epoch continues at the first batch not yet trained on
+    (its order and dynamic draws replayed from the (seed, epoch) streams). Lightning's fetcher does not read
+    ahead of a sized loader, so the batches yielded are the batches trained on (the resume test checks it).
     """
 
     batch_sampler = None  # Lightning inspects it; ``sampler`` is where it finds ``set_epoch``
 
     def __init__(self, images: Tensor, labels: Tensor, sampler: EpochSampler, dynamic: bool = False):
         self.images, self.labels, self.sampler, self.dynamic = images, labels, sampler, dynamic
+        self.yielded = 0
+        self.resume_at: tuple[int, int] | None = None  # (epoch, batches to skip) from a checkpoint
 
     def __len__(self) -> int:
         return len(self.sampler)
 
+    def state_dict(self) -> dict[str, int]:
+        """{"epoch", "consumed"}: the batches of this epoch already trained on."""
+        return {"epoch": self.sampler.epoch, "consumed": self.yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_at = (state["epoch"], state["consumed"])
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         generator = self.sampler.generator() if self.dynamic else None
-        for index in self.sampler:
+        # a saved position applies to the epoch it was saved in (after an epoch-end save, the next epoch starts)
+        skip = self.resume_at[1] if self.resume_at and self.resume_at[0] == self.sampler.epoch else 0
+        self.resume_at = None
+        self.yielded = skip
+        for position, index in enumerate(self.sampler):
             x = self.images[index]  # (B, C, H, W)
             if self.dynamic:
-                x = binarize_fixed(x, generator)
+                x = binarize_fixed(x, generator)  # drawn even when skipped: later draws stay the same
+            if position < skip:
+                continue
+            self.yielded += 1
             yield x, self.labels[index]
 
 
@@ -165,12 +186,13 @@ class ArrayDataModule(pl.LightningDataModule):
                     raise ValueError(f"data.{split}_size={size} exceeds the {len(images)} {split} images available")
                 images, labels = images[:size], labels[:size]
             self.splits[split] = (images.contiguous(), labels.contiguous())
+        if self.batch_size > len(self.splits["train"][0]):
+            raise ValueError(f"data.batch_size={self.batch_size} exceeds the {len(self.splits['train'][0])} "
+                             f"training images")
 
     def _loader(self, split: str, train: bool) -> TensorBatchLoader:
         images, labels = self.splits[split]
         batch_size = self.batch_size if train else self.eval_batch_size
-        if train and batch_size > len(images):
-            raise ValueError(f"data.batch_size={batch_size} exceeds the {len(images)} training images")
         sampler = EpochSampler(len(images), batch_size, shuffle=train, drop_last=train, seed=self.seed)
         return TensorBatchLoader(images, labels, sampler, dynamic=train and self.binarization == "dynamic")
 

@@ -18,6 +18,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
 
+from catvae.resume import RNGState, resolve_resume
+from catvae.sweep import write_status
+
 log = logging.getLogger(__name__)
 
 TEST_CHECKPOINTS = ("best", "last", None)
@@ -39,6 +42,9 @@ def check_run_config(cfg: DictConfig) -> None:
         raise ValueError(f"seed must be an integer >= 0, got {cfg.seed!r}")
     if cfg.test_ckpt not in TEST_CHECKPOINTS:
         raise ValueError(f"test_ckpt={cfg.test_ckpt!r} is not allowed; choose one of {list(TEST_CHECKPOINTS)}")
+    resume = cfg.get("resume")
+    if resume is not None and (not isinstance(resume, str) or not resume):
+        raise ValueError(f"resume must be a checkpoint path or a run directory, got {resume!r}")
 
 
 def instantiate_group(group: DictConfig | None) -> list:
@@ -46,6 +52,44 @@ def instantiate_group(group: DictConfig | None) -> list:
     if not group:
         return []
     return [instantiate(node) for node in group.values() if node is not None]
+
+
+def instantiate_loggers(group: DictConfig | None) -> list[Logger]:
+    """The configured loggers, minus any that cannot start: a W&B run that fails to initialise (unreachable,
+    misconfigured) is dropped with one warning, and training goes on with the others (the CSV logger)."""
+    loggers = []
+    for name, node in (group or {}).items():
+        if node is None:
+            continue
+        try:
+            logger = instantiate(node)
+            if isinstance(logger, WandbLogger):
+                logger.experiment  # noqa: B018 - starts the W&B run now, so a failure surfaces here
+        except Exception as error:  # noqa: BLE001 - logging must never cost the run
+            log.warning("logger %s could not start (%s: %s); continuing without it", name, type(error).__name__,
+                        error)
+            print(f"[catvae] WARNING: logger {name} could not start ({type(error).__name__}: {error}); "
+                  f"continuing without it")
+            continue
+        loggers.append(logger)
+    return loggers
+
+
+def job_overrides() -> list[str]:
+    """The command-line overrides of this Hydra job ([] outside Hydra, e.g. in tests)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def tested_checkpoint(trainer: pl.Trainer, which: str | None) -> str | None:
+    """The file behind test_ckpt="best"/"last" (the best is tracked by the first ModelCheckpoint)."""
+    if which == "best":
+        return trainer.checkpoint_callback.best_model_path
+    if which == "last":
+        paths = [c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path]
+        return max(paths, key=lambda p: Path(p).stat().st_mtime) if paths else None
+    return None
 
 
 def finish_wandb(loggers: list[Logger]) -> None:
@@ -58,29 +102,48 @@ def finish_wandb(loggers: list[Logger]) -> None:
 
 
 def run(cfg: DictConfig) -> dict:
-    """Train and test one model; returns the test metrics (also written to results.json)."""
+    """Train and test one model; returns the test metrics (also written to results.json).
+
+    The run's directory receives config.yaml (the resolved config) and status.json (running, then
+    finished or failed with the error) before anything else can fail.
+    """
     configure_wandb_environment()
-    check_run_config(cfg)
-    started = time.time()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    overrides = job_overrides()
+    write_status(output_dir, "running", overrides)
+    try:
+        results = train_and_test(cfg, output_dir)
+    except BaseException as error:
+        write_status(output_dir, "failed", overrides, error)
+        raise
+    write_status(output_dir, "finished", overrides)
+    return results
+
+
+def train_and_test(cfg: DictConfig, output_dir: Path) -> dict:
+    check_run_config(cfg)
+    started = time.time()
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True)
 
     # Everything that can reject bad input is built before the trainer starts.
+    resume_from = resolve_resume(cfg.resume) if cfg.get("resume") else None
     datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")  # reads the data and checks sizes against it
     estimator = instantiate(cfg.estimator)
     model = instantiate(cfg.model, estimator=estimator, image_shape=list(datamodule.image_shape))
-    callbacks = instantiate_group(cfg.callbacks) + [instantiate(cfg.schedule)]
-    loggers = instantiate_group(cfg.logger)
+    callbacks = instantiate_group(cfg.callbacks) + [instantiate(cfg.schedule), RNGState()]
+    loggers = instantiate_loggers(cfg.logger)
     try:
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-        trainer.fit(model, datamodule=datamodule)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         ckpt_path = cfg.test_ckpt if trainer.checkpoint_callback is not None else None
         if ckpt_path == "best" and not trainer.checkpoint_callback.best_model_path:
-            ckpt_path = "last" if trainer.checkpoint_callback.last_model_path else None
-        (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path)
+            ckpt_path = "last" if tested_checkpoint(trainer, "last") else None
+        (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         finish_wandb(loggers)
 
@@ -90,7 +153,8 @@ def run(cfg: DictConfig) -> dict:
         "seed": cfg.seed,
         "tau": getattr(estimator, "tau", None),  # the final temperature, for estimators that have one
         "metrics": {key: float(value) for key, value in test_metrics.items()},
-        "tested_checkpoint": ckpt_path and str(getattr(trainer.checkpoint_callback, f"{ckpt_path}_model_path")),
+        "tested_checkpoint": tested_checkpoint(trainer, ckpt_path),
+        "resumed_from": str(resume_from) if resume_from else None,
         "global_step": trainer.global_step,
         "wall_time_s": round(time.time() - started, 1),
         "output_dir": str(output_dir),
@@ -99,5 +163,5 @@ def run(cfg: DictConfig) -> dict:
     summary = ", ".join(f"{k}={v:.3f}" for k, v in sorted(results["metrics"].items()) if math.isfinite(v))
     log.info("test metrics: %s", summary)
     print(f"[catvae] {estimator.name} test metrics: {summary}")
-    print(f"[catvae] outputs in {output_dir} (results.json, checkpoints/, csv/metrics.csv, images/, wandb/)")
+    print(f"[catvae] outputs in {output_dir} (results.json, config.yaml, checkpoints/, csv/metrics.csv, images/)")
     return results

@@ -1,0 +1,153 @@
+"""Reliability: exact mid-epoch resume, corrupt checkpoints, the non-finite guard, sweeps that survive a failed
+job, and training that survives a logger that cannot start."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+
+from catvae.models import CategoricalVAE
+from catvae.resume import resolve_resume
+from catvae.run import run
+from conftest import FAST, ROOT, compose_config
+from test_training import column, read_metrics, train_cli
+
+RESUMABLE = ["callbacks.step_checkpoint.every_n_train_steps=4", "trainer.max_epochs=3"]
+
+
+class Preempted(RuntimeError):
+    pass
+
+
+class CrashAt(pl.Callback):
+    """Simulates a preemption: the process dies before training step ``step`` (after its checkpoint)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Preempted(f"simulated preemption at step {self.step}")
+
+
+class PoisonedVAE(CategoricalVAE):
+    """A VAE whose training loss is NaN at one step (for the non-finite guard)."""
+
+    def __init__(self, poison_step: int, **kwargs):
+        # plain containers, so that the hyperparameters Lightning saves load with weights_only
+        kwargs = {k: OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for k, v in kwargs.items()}
+        super().__init__(**kwargs)
+        self.poison_step = poison_step
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * math.nan if self.global_step == self.poison_step else loss
+
+
+def config(path, *overrides):
+    return compose_config(FAST + RESUMABLE + list(overrides), path)
+
+
+def final_state(run_dir):
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    return checkpoint["state_dict"], checkpoint["global_step"]
+
+
+@pytest.mark.parametrize("estimator", ["gumbel_softmax", "reinforce", "rebar"])
+def test_resume_after_a_mid_epoch_preemption_equals_the_uninterrupted_run(estimator, tmp_path):
+    """Stopped before step 12 (epochs of 8 steps: mid-epoch), resumed from the run directory: same weights, same
+    estimator state (baseline, learned control variate), same test metrics, bit for bit."""
+    full = run(config(tmp_path / "full", f"estimator={estimator}"))
+    with pytest.raises(Preempted):
+        run(config(tmp_path / "stopped", f"estimator={estimator}", "+callbacks.crash._target_=test_reliability.CrashAt",
+                   "+callbacks.crash.step=12"))
+    assert json.loads((tmp_path / "stopped" / "status.json").read_text())["status"] == "failed"
+    resumed = run(config(tmp_path / "resumed", f"estimator={estimator}", f"resume={tmp_path / 'stopped'}"))
+    assert resumed["resumed_from"].endswith("step000012.ckpt")
+    (full_state, full_steps), (resumed_state, resumed_steps) = final_state(tmp_path / "full"), final_state(
+        tmp_path / "resumed")
+    assert full_steps == resumed_steps == 24
+    assert full_state.keys() == resumed_state.keys()
+    for key in full_state:
+        assert torch.equal(full_state[key], resumed_state[key]), key
+    assert resumed["metrics"] == full["metrics"]
+    # the resumed run logged only the steps it trained
+    assert min(int(row["step"]) for row in read_metrics(tmp_path / "resumed") if row.get("train/loss")) >= 12
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    run(config(tmp_path / "run", "estimator=gumbel_softmax"))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    newest = max(checkpoints.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    newest.write_bytes(newest.read_bytes()[:1000])  # a write cut short
+    chosen = resolve_resume(str(tmp_path / "run"))
+    assert chosen != newest and chosen.parent == checkpoints
+    assert "is corrupt" in caplog.text
+    with pytest.raises(ValueError, match="the checkpoint is corrupt or not a catvae checkpoint"):
+        resolve_resume(str(newest))
+    for path in checkpoints.glob("*.ckpt"):
+        path.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="no readable checkpoint in .*tried: "):
+        resolve_resume(str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="neither a checkpoint file nor a run directory"):
+        resolve_resume(str(tmp_path / "nowhere"))
+
+
+def poisoned(path, policy):
+    return compose_config(FAST + ["model._target_=test_reliability.PoisonedVAE", "+model.poison_step=5",
+                                  f"callbacks.nonfinite_guard.policy={policy}"], path)
+
+
+def test_nonfinite_loss_raises_naming_the_step(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at step 5 with estimator st_gumbel_softmax"):
+        run(poisoned(tmp_path / "run", "raise"))
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "failed" and "at step 5" in status["error"]
+
+
+def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
+    results = run(poisoned(tmp_path / "run", "skip"))
+    assert results["global_step"] == 16 and all(map(math.isfinite, results["metrics"].values()))
+    skipped = column(read_metrics(tmp_path / "run"), "train/skipped_steps")
+    assert skipped[0] == 0 and skipped[-1] == 1
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(value).all() for value in state.values())
+
+
+def test_a_failed_job_does_not_stop_the_sweep_and_is_summarised(tmp_path):
+    overrides = [o for o in FAST if not o.startswith("trainer.max_epochs")]
+    done = train_cli("-m", *overrides, "trainer.max_epochs=1", "estimator=gumbel_softmax",
+                     "estimator.tau=0.5,1.0,-1.0,2.0", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert done.returncode != 0
+    assert "1 of 4 jobs failed" in done.stderr and "estimator.tau=-1.0" in done.stderr
+    summary = json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())
+    assert summary["finished"] == ["0", "1", "3"] and list(summary["failed"]) == ["2"]
+    assert "estimator.tau must be a positive finite number" in summary["failed"]["2"]["error"]
+    for job in ("0", "1", "3"):
+        assert (tmp_path / "sweep" / job / "results.json").is_file()
+    compared = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare.py"), str(tmp_path / "sweep")],
+                              capture_output=True, text=True)
+    assert compared.returncode == 0 and "1 of 4 runs unfinished or failed" in compared.stderr
+    listed = (tmp_path / "sweep" / "comparison" / "summary.md").read_text()
+    assert f"`{tmp_path / 'sweep' / '2'}`: failed;" in listed and "got -1.0" in listed
+
+
+def test_training_survives_a_wandb_run_that_cannot_start(tmp_path, capsys):
+    cfg = compose_config([o for o in FAST if not o.startswith("logger")] + ["logger=wandb", "+logger.wandb.id=bad/id"],
+                         tmp_path / "run")
+    results = run(cfg)
+    assert "logger wandb could not start" in capsys.readouterr().out
+    assert results["global_step"] == 16
+    for name in ("config.yaml", "results.json", "status.json", "csv/metrics.csv", "checkpoints/last.ckpt"):
+        assert (tmp_path / "run" / name).is_file(), name
+
+
+def test_a_finished_run_directory_holds_everything(tmp_path):
+    run(compose_config(FAST, tmp_path / "run"))
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "finished"
+    assert "n_vars: 4" in (tmp_path / "run" / "config.yaml").read_text()  # resolved config
