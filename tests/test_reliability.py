@@ -3,6 +3,8 @@ job, and training that survives a logger that cannot start."""
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 
@@ -151,3 +153,63 @@ def test_a_finished_run_directory_holds_everything(tmp_path):
     run(compose_config(FAST, tmp_path / "run"))
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "finished"
     assert "n_vars: 4" in (tmp_path / "run" / "config.yaml").read_text()  # resolved config
+
+
+class SignalAt(pl.Callback):
+    """Simulates a SLURM preemption notice: SIGUSR1 to this process at the end of training step ``step`` (Lightning's
+    handler saves hpc_ckpt_<n>.ckpt and calls `scontrol requeue`), then the job is killed."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            raise Preempted(f"killed after the requeue signal at step {self.step}")
+
+
+def test_slurm_preemption_requeue_and_resume_through_submitit(tmp_path):
+    """Through hydra-submitit-launcher's local executor, in a fake SLURM environment (SLURM_* variables and an
+    `scontrol` that records its call): the requeue signal at step 12 saves an HPC checkpoint and requeues the job;
+    the requeued job (same command, same job directory) resumes from it and ends where an uninterrupted run ends."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    scontrol.chmod(0o755)
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "catvae", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    job = [*FAST, *RESUMABLE, "estimator=reinforce", "hydra/launcher=submitit_local", f"hydra.sweep.dir={tmp_path}/sweep",
+           "hydra.launcher.timeout_min=10"]
+    first = train_cli("-m", *job, "+callbacks.preempt._target_=test_reliability.SignalAt", "+callbacks.preempt.step=12",
+                      cwd=tmp_path, env=slurm)
+    assert first.returncode != 0  # the job was killed: the sweep reports it
+    job_dir = tmp_path / "sweep" / "0"
+    assert (job_dir / "hpc_ckpt_1.ckpt").is_file()
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    requeued = train_cli("-m", *job, cwd=tmp_path, env=slurm)
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    resumed = json.loads((job_dir / "results.json").read_text())
+    uninterrupted = run(compose_config(FAST + RESUMABLE + ["estimator=reinforce"], tmp_path / "uninterrupted"))
+    assert resumed["global_step"] == 24 and resumed["metrics"] == uninterrupted["metrics"]
+    # it resumed (a fresh start would end in the same place): the requeued job trained steps 12..23 only
+    assert min(int(row["step"]) for row in read_metrics(job_dir) if row.get("train/loss")) == 12
+    for key, value in final_state(tmp_path / "uninterrupted")[0].items():
+        assert torch.equal(value, final_state(job_dir)[0][key]), key
+
+
+def test_the_slurm_launcher_config_composes(tmp_path):
+    done = train_cli("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra", "--package",
+                     "hydra.launcher", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "SlurmLauncher" in done.stdout and "partition: gpu" in done.stdout and "USR1@120" in done.stdout
+
+
+@pytest.mark.parametrize("estimator", ["gumbel_softmax", "reinforce", "rebar"])
+def test_bf16_autocast_trains_to_the_float32_result(estimator, tmp_path):
+    """trainer.precision=bf16-mixed (CPU autocast here; bf16-mixed or 16-mixed on a GPU): the estimators keep
+    their sampling and probability math in float32, so short runs end within a fraction of a nat of float32."""
+    full = run(compose_config(FAST + [f"estimator={estimator}"], tmp_path / "fp32"))
+    mixed = run(compose_config(FAST + [f"estimator={estimator}", "trainer.precision=bf16-mixed"], tmp_path / "bf16"))
+    for key, value in full["metrics"].items():
+        assert math.isfinite(mixed["metrics"][key]) and abs(mixed["metrics"][key] - value) < 1.0, key
