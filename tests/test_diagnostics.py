@@ -1,6 +1,7 @@
 """Gradient diagnostics: the statistics by hand, exact/unbiased/biased estimators on a toy VAE whose exact
 gradient is enumerable, the logged keys, and no effect on the training run."""
 
+import copy
 import json
 import math
 
@@ -9,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 
 from catvae.diagnostics import GradientDiagnostics, Reference, gradient_draws, gradient_statistics, reference_of
-from catvae.estimators import RLOO, Exact, GumbelSoftmax, NoBaseline, Reinforce
+from catvae.estimators import RLOO, Exact, GumbelSoftmax, MovingAverageBaseline, NoBaseline, Reinforce
 from catvae.run import run
 from conftest import compose_config
 from test_training import column, read_metrics
@@ -56,6 +57,23 @@ def test_unbiased_estimators_have_bias_within_its_standard_error(toy_vae, make):
     stats = measured(*toy_vae, make())
     # for an unbiased estimator bias ~ bias_se (the norm of the mean's noise); a real bias is many times it
     assert stats["bias"] < 2 * stats["bias_se"]
+
+
+def test_variance_normalised_estimators_rescale_the_whole_encoder_gradient(toy_vae):
+    """With an analytic KL, dividing only the score term by s would turn the gradient towards the prior; the model
+    divides the KL's gradient by the same s, so s times the encoder's gradient is unbiased."""
+    model = copy.deepcopy(toy_vae[0])
+    with torch.no_grad():
+        model.decoder[-1].bias.fill_(3.0)  # p(x_d = 1) ~ 0.95: white and black images get very different losses
+    x = torch.cat([torch.ones(12, 64), torch.zeros(12, 64)])  # so the running std of the signal is well above 1
+    estimator = Reinforce(MovingAverageBaseline(0.9, normalise_variance=True))
+    estimator.bind(model.n_vars, model.n_classes, model.estimator_context_dim)
+    for _ in range(20):  # warm the running mean and variance
+        model.nelbo_estimate(x, estimator)
+    estimator.eval()
+    assert float(estimator.baseline.scale()) > 1.5  # a real rescaling is exercised
+    stats = measured(model, x, estimator)
+    assert stats["bias"] < 2 * stats["bias_se"]  # without the KL rescaled, about 7 times bias_se
 
 
 def test_a_biased_estimator_is_detected(toy_vae):

@@ -41,16 +41,18 @@ class Reference:
 
 def gradient_draws(model, x: Tensor, estimator: Estimator, n_draws: int) -> tuple[Tensor, Tensor]:
     """n_draws independent estimates of the gradient of the batch's mean negative ELBO, as
-    (encoder-parameter gradients (M, D), logit gradients (M, B*N*K)), each flattened. ``model`` provides
-    ``nelbo_estimate(x, estimator)`` and ``encoder_parameters()``."""
+    (encoder-parameter gradients (M, D), logit gradients (M, B*N*K)), each flattened and multiplied back by the
+    estimator's ``encoder_scale``. ``model`` provides ``nelbo_estimate(x, estimator)``, ``surrogate_loss(estimate,
+    kl)`` and ``encoder_parameters()``."""
     params = list(model.encoder_parameters())
     param_draws, logit_draws = [], []
     for _ in range(n_draws):
         estimate, kl, logits = model.nelbo_estimate(x, estimator)
-        grads = torch.autograd.grad((estimate.surrogate + kl).mean(), [logits, *params], allow_unused=True)
-        logit_draws.append(grads[0].flatten())
+        grads = torch.autograd.grad(model.surrogate_loss(estimate, kl), [logits, *params], allow_unused=True)
+        scale = float(estimate.encoder_scale)  # undo variance normalisation: compare the estimates themselves
+        logit_draws.append(grads[0].flatten() * scale)
         param_draws.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
-                                      for g, p in zip(grads[1:], params)]))
+                                      for g, p in zip(grads[1:], params)]) * scale)
     return torch.stack(param_draws).double(), torch.stack(logit_draws).double()
 
 

@@ -26,11 +26,16 @@ class Estimate:
     surrogate: (B,) differentiable; d surrogate.sum() / d params is the gradient estimate (plus, for
                estimators with parameters of their own, their training loss, which reaches only them).
     z:         the sample(s) used, one-hot or relaxed, shape (..., B, N, K).
+    encoder_scale: see below.
     """
 
     loss: Tensor
     surrogate: Tensor
     z: Tensor
+    #: s >= 1 by which a variance-normalising estimator divided its gradient for the logits (a constant of
+    #: the step). The model divides the closed-form part of the encoder's objective (the analytic KL) by the
+    #: same s, so the encoder's whole gradient is rescaled, never turned; 1 for other estimators.
+    encoder_scale: Tensor | float = 1.0
 
 
 class Estimator(nn.Module):

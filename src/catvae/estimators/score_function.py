@@ -49,14 +49,15 @@ class BaselineEstimator(Estimator):
         super().bind(n_vars, n_classes, context_dim)
         self.baseline.bind(context_dim)
 
-    def centred(self, signal: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(advantage, baseline training loss) for the signal (B,); updates running statistics in training."""
+    def centred(self, signal: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor | float]:
+        """(advantage, baseline training loss, the scale s the advantage was divided by) for the signal (B,);
+        updates the running statistics in training, after using them."""
         signal = signal.detach()
-        advantage = self.baseline.advantage(signal, context)
+        advantage, scale = self.baseline.advantage(signal, context), self.baseline.scale()
         baseline_loss = self.baseline.loss(signal, context)
         if self.training:
             self.baseline.update(signal, context)
-        return advantage, baseline_loss
+        return advantage, baseline_loss, scale
 
 
 class Reinforce(BaselineEstimator):
@@ -76,9 +77,9 @@ class Reinforce(BaselineEstimator):
         z = sample_categorical(logits)  # (B, N, K), no gradient
         loss = objective(z)  # (B,)
         log_q = categorical_log_prob(logits, z)  # (B,)
-        advantage, baseline_loss = self.centred(loss, context)
+        advantage, baseline_loss, scale = self.centred(loss, context)
         surrogate = score_function_surrogate(loss, log_q, advantage) + baseline_loss
-        return Estimate(loss=loss, surrogate=surrogate, z=z)
+        return Estimate(loss=loss, surrogate=surrogate, z=z, encoder_scale=scale)
 
 
 class MultiSampleEstimator(Estimator):
@@ -138,11 +139,11 @@ class MuProp(BaselineEstimator):
         loss = objective(z)  # (B,)
         log_q = categorical_log_prob(logits, z)  # (B,)
         taylor = f_bar.detach() + (slope * (z - pi.detach())).sum((-1, -2))  # (B,)
-        advantage, baseline_loss = self.centred(loss.detach() - taylor, context)
+        advantage, baseline_loss, scale = self.centred(loss.detach() - taylor, context)
         # gradient f'(pi) . grad pi, divided by the baseline's scale like the score term it complements
-        mean_field_term = (slope * pi).sum((-1, -2)) / self.baseline.scale()
+        mean_field_term = (slope * pi).sum((-1, -2)) / scale
         surrogate = score_function_surrogate(loss, log_q, advantage) + mean_field_term + baseline_loss
-        return Estimate(loss=loss, surrogate=surrogate, z=z)
+        return Estimate(loss=loss, surrogate=surrogate, z=z, encoder_scale=scale)
 
 
 class DARN(BaselineEstimator):
@@ -165,6 +166,6 @@ class DARN(BaselineEstimator):
         z = sample_categorical(logits)  # (B, N, K)
         loss, slope = value_and_slope(objective, z)  # f(z) (B,), f'(z) (B, N, K)
         signal = (slope * (z - 1.0 / logits.shape[-1])).sum((-1, -2))  # (B,)
-        advantage, baseline_loss = self.centred(signal, context)
+        advantage, baseline_loss, scale = self.centred(signal, context)
         surrogate = score_function_surrogate(loss, categorical_log_prob(logits, z), advantage) + baseline_loss
-        return Estimate(loss=loss, surrogate=surrogate, z=z)
+        return Estimate(loss=loss, surrogate=surrogate, z=z, encoder_scale=scale)

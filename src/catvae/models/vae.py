@@ -85,8 +85,8 @@ class CategoricalVAE(pl.LightningModule):
     def nelbo_estimate(self, x: Tensor, estimator: Estimator | None = None) -> tuple[Estimate, Tensor, Tensor]:
         """One estimate of the negative ELBO of x (B, D) by ``estimator`` (default: the held one).
 
-        Returns (estimate, kl (B,), logits (B, N, K)); the gradient of (estimate.surrogate + kl).mean() is the
-        training gradient. With an analytic-KL estimator f(z) = -log p(x|z) and the KL is closed-form;
+        Returns (estimate, kl (B,), logits (B, N, K)); the gradient of :meth:`surrogate_loss` is the training
+        gradient. With an analytic-KL estimator f(z) = -log p(x|z) and the KL is closed-form;
         otherwise f(z) = -log p(x|z) - log p(z) + log q(z|x), the whole sampled bound, and kl = 0.
         """
         estimator = self.estimator if estimator is None else estimator
@@ -98,10 +98,16 @@ class CategoricalVAE(pl.LightningModule):
             kl = torch.zeros_like(logits[:, 0, 0])
         return estimator(logits, objective, context=features), kl, logits
 
+    @staticmethod
+    def surrogate_loss(estimate: Estimate, kl: Tensor) -> Tensor:
+        """mean(surrogate + KL / s): the analytic KL's gradient (encoder only) is divided by the estimator's
+        ``encoder_scale`` s, like its estimate of the rest, so variance normalisation never turns the gradient."""
+        return (estimate.surrogate + kl / estimate.encoder_scale).mean()
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         estimate, kl, _ = self.nelbo_estimate(self.flatten(batch))
         self.log("train/loss", (estimate.loss.detach() + kl.detach()).mean(), on_step=True, on_epoch=False)
-        return (estimate.surrogate + kl).mean()
+        return self.surrogate_loss(estimate, kl)
 
     def _hard_sample_nelbo(self, x: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
         """One-sample negative ELBO with a hard one-hot z ~ q(z|x): (recon (B,), kl (B,))."""
