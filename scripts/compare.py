@@ -12,7 +12,8 @@ a multirun directory holds run directories. Writes to ``--out`` (default: the fi
 - ``val_nelbo.png`` (validation -ELBO against steps, one panel per estimator, a line per tau, band = min..max over
   seeds), ``nll_vs_tau.png`` (test/nll_iw against tau, error bars = std over seeds; estimators without a
   temperature as horizontal lines), ``grad_variance.png`` (the run's estimator's gradient variance against
-  steps, from callbacks=grad_diagnostics).
+  steps, from callbacks=grad_diagnostics), ``grad_panel.png`` (per run with a diagnostics panel: the gradient
+  variance of every estimator measured at that run's parameters, and the reference's).
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def plot_curves(runs: list[Run], key_of, ylabel: str, path: Path, log_y: bool = 
             if not steps:
                 continue
             values = [[s[step] for s in series] for step in steps]
-            label = "-" if tau is None else f"tau={tau:g}"
+            label = "no tau" if tau is None else f"tau={tau:g}"
             line, = ax.plot(steps, [statistics.fmean(v) for v in values], label=f"{label} ({len(members)} seeds)")
             if len(members) > 1:
                 ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2,
@@ -220,6 +221,38 @@ def plot_nll_vs_tau(summary: list[dict], path: Path) -> bool:
     return True
 
 
+def plot_panels(runs: list[Run], path: Path, most: int = 12) -> bool:
+    """Per run with a diagnostics panel: every measured estimator's gradient variance at that run's parameters."""
+    def measured(run: Run) -> list[str]:
+        return sorted(key.split("/")[1] for key in (run.rows[0] if run.rows else {})
+                      if key.startswith("grad/") and key.endswith("/var") and key.count("/") == 2
+                      and run.series(key))
+    panels = [(run, names) for run in runs if len(names := measured(run)) > 1][:most]
+    if not panels:
+        return False
+    columns = min(4, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.3 * rows), squeeze=False)
+    colors = {name: plt.get_cmap("tab10")(i % 10)
+              for i, name in enumerate(sorted({n for _, names in panels for n in names}))}
+    for ax, (run, names) in zip(axes.flat, panels):
+        for name in names:
+            steps, values = zip(*run.series(f"grad/{name}/var"))
+            ax.plot(steps, values, label=name, color=colors[name], linestyle="--" if name == "reference" else "-")
+        tau = "" if run.tau is None else f", tau={run.tau:g}"
+        ax.set_title(f"trained by {run.estimator}{tau}, seed {run.seed}", fontsize=9)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("gradient variance (encoder)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def compare(paths: list[Path], out: Path) -> dict:
     runs = load_runs(paths)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,6 +263,7 @@ def compare(paths: list[Path], out: Path) -> dict:
         "nll_vs_tau.png": plot_nll_vs_tau(summary, out / "nll_vs_tau.png"),
         "grad_variance.png": plot_curves(runs, lambda name: f"grad/{name}/var", "gradient variance (encoder)",
                                          out / "grad_variance.png", log_y=True),
+        "grad_panel.png": plot_panels(runs, out / "grad_panel.png"),
     }
     return {"runs": runs, "summary": summary, "figures": figures}
 

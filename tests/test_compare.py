@@ -22,11 +22,13 @@ def script(name: str, *args, cwd=None) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """2 estimators x 2 temperatures, run in parallel by the joblib launcher, diagnostics every 4 steps."""
+    """2 estimators x 2 temperatures, run in parallel by the joblib launcher, diagnostics (with an rloo panel)
+    every 4 steps."""
     tmp_path = tmp_path_factory.mktemp("compare")
     overrides = [o for o in FAST if not o.startswith("trainer.max_epochs")]
     done = train_cli("-m", *overrides, "trainer.max_epochs=2", "callbacks=grad_diagnostics",
                      "callbacks.grad_diagnostics.every_n_steps=4", "callbacks.grad_diagnostics.n_draws=4",
+                     "+estimator@callbacks.grad_diagnostics.panel.rloo=rloo",
                      "estimator=gumbel_softmax,st_gumbel_softmax", "estimator.tau=0.5,1.0",
                      "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}/sweep",
                      cwd=tmp_path)
@@ -45,7 +47,7 @@ def test_compare_writes_the_tables_and_every_figure(sweep, tmp_path):
         rows = list(csv.DictReader(handle))
     assert len(rows) == 4 and all(float(row["test/nll_iw mean"]) > 0 for row in rows)
     assert all(float(row["grad var mean"]) > 0 for row in rows)  # diagnostics reached the table
-    for figure in ("val_nelbo.png", "nll_vs_tau.png", "grad_variance.png"):
+    for figure in ("val_nelbo.png", "nll_vs_tau.png", "grad_variance.png", "grad_panel.png"):
         assert (tmp_path / "out" / figure).read_bytes()[:8] == PNG_MAGIC, figure
 
 

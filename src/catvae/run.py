@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
@@ -77,8 +78,6 @@ def instantiate_loggers(group: DictConfig | None) -> list[Logger]:
 
 def job_overrides() -> list[str]:
     """The command-line overrides of this Hydra job ([] outside Hydra, e.g. in tests)."""
-    from hydra.core.hydra_config import HydraConfig
-
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
@@ -122,6 +121,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def train_and_test(cfg: DictConfig, output_dir: Path) -> dict:
+    """Check, build, fit (or resume), test the chosen checkpoint, write results.json; returns the results."""
     check_run_config(cfg)
     started = time.time()
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
