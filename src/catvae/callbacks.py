@@ -12,6 +12,7 @@ from pytorch_lightning.loggers import WandbLogger
 from torchvision.utils import make_grid, save_image
 
 from catvae.relaxations import check_temperature
+from catvae.step_logging import written_this_step
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ class TemperatureSchedule(pl.Callback):
         tau = self.value(trainer.global_step)
         if tau is not None:
             estimator.tau = tau
-        pl_module.log("tau", float(estimator.tau), on_step=True, on_epoch=False)
+        if written_this_step(trainer):
+            pl_module.log("tau", float(estimator.tau), on_step=True, on_epoch=False)
 
 
 class ConstantTemperature(TemperatureSchedule):
@@ -180,7 +182,8 @@ class NonFiniteGuard(pl.Callback):
     """Catches a training step whose loss or gradients are not finite (NaN or inf), before the optimiser
     applies it. ``policy="raise"`` stops the run with a FloatingPointError that names the step, the estimator
     and the offending tensor; ``policy="skip"`` drops the step's gradients (Adam then leaves parameters and
-    moments untouched), counts it, and logs the count as ``train/skipped_steps``. Costs one device sync per step.
+    moments untouched), counts it, and logs the count as ``train/skipped_steps``. Gradients are checked through
+    their norms (one fused reduction; a gradient whose norm overflows counts as non-finite). One device sync per step.
     """
 
     POLICIES = ("raise", "skip")
@@ -204,8 +207,11 @@ class NonFiniteGuard(pl.Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         named = [(name, p) for name, p in pl_module.named_parameters() if p.grad is not None]
-        if self.bad is None and named and not bool(torch.stack([torch.isfinite(p.grad).all() for _, p in named]).all()):
-            self.bad = next(f"gradient of {name}" for name, p in named if not bool(torch.isfinite(p.grad).all()))
+        if self.bad is None and named:
+            norms = torch.stack(torch._foreach_norm([p.grad for _, p in named]))  # inf/NaN in a grad -> in its norm
+            if not bool(torch.isfinite(norms).all()):
+                self.bad = next(f"gradient of {name}" for (name, _), norm in zip(named, norms)
+                                if not bool(torch.isfinite(norm)))
         if self.bad is None:
             return
         where = f"non-finite {self.bad} at step {trainer.global_step} with estimator {pl_module.estimator.name}"
@@ -217,4 +223,5 @@ class NonFiniteGuard(pl.Callback):
         log.warning("skipped the update: %s (%d skipped so far)", where, self.skipped)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
+        if written_this_step(trainer):
+            pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)

@@ -14,6 +14,7 @@ from catvae.estimators import Estimate, Estimator
 from catvae.evaluation import importance_weighted_nll
 from catvae.models.networks import mlp
 from catvae.relaxations import categorical_log_prob, kl_to_uniform, sample_categorical
+from catvae.step_logging import written_this_step
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -106,7 +107,8 @@ class CategoricalVAE(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         estimate, kl, _ = self.nelbo_estimate(self.flatten(batch))
-        self.log("train/loss", (estimate.loss.detach() + kl.detach()).mean(), on_step=True, on_epoch=False)
+        if written_this_step(self.trainer):
+            self.log("train/loss", (estimate.loss.detach() + kl.detach()).mean(), on_step=True, on_epoch=False)
         return self.surrogate_loss(estimate, kl)
 
     def _hard_sample_nelbo(self, x: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
