@@ -213,3 +213,23 @@ def test_bf16_autocast_trains_to_the_float32_result(estimator, tmp_path):
     mixed = run(compose_config(FAST + [f"estimator={estimator}", "trainer.precision=bf16-mixed"], tmp_path / "bf16"))
     for key, value in full["metrics"].items():
         assert math.isfinite(mixed["metrics"][key]) and abs(mixed["metrics"][key] - value) < 1.0, key
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    """A crash in the middle of writing a checkpoint leaves the previous file intact (Lightning writes through
+    an fsspec transaction: a temporary file, moved into place only once complete)."""
+    from fsspec.implementations.local import LocalFileOpener
+    from lightning_fabric.utilities.cloud_io import _atomic_save
+
+    path = tmp_path / "last.ckpt"
+    _atomic_save({"version": 1, "weights": torch.ones(1000)}, path)
+
+    def crash(self, data):
+        self.f.write(data[: len(data) // 2])
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(LocalFileOpener, "write", crash, raising=False)
+    with pytest.raises(OSError, match="simulated"):
+        _atomic_save({"version": 2, "weights": torch.zeros(1000)}, path)
+    assert torch.load(path, weights_only=True)["version"] == 1
+    assert list(tmp_path.iterdir()) == [path]
