@@ -169,8 +169,12 @@ def plot_curves(runs: list[Run], key_of, ylabel: str, path: Path, log_y: bool = 
                if any(r.series(key_of(name)) for rs in taus.values() for r in rs)}
     if not grouped:
         return False
-    fig, axes = plt.subplots(1, len(grouped), figsize=(4.2 * len(grouped), 3.4), squeeze=False, sharey=True)
-    for ax, (name, taus) in zip(axes[0], sorted(grouped.items())):
+    columns = min(4, len(grouped))
+    rows = math.ceil(len(grouped) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False, sharey=True)
+    for ax in list(axes.flat)[len(grouped):]:
+        ax.axis("off")
+    for ax, (name, taus) in zip(axes.flat, sorted(grouped.items())):
         for tau, members in sorted(taus.items(), key=lambda item: item[0] or 0):
             series = [dict(r.series(key_of(name))) for r in members]
             steps = sorted(set.intersection(*(set(s) for s in series)))
@@ -187,7 +191,8 @@ def plot_curves(runs: list[Run], key_of, ylabel: str, path: Path, log_y: bool = 
         if log_y:
             ax.set_yscale("log")
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel(ylabel)
+    for row in axes:
+        row[0].set_ylabel(ylabel)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
