@@ -10,7 +10,8 @@ For each estimator, in this one process, on the same MNIST batches (batch 100, t
 - plain: a hand-written loop (nn.Sequential encoder and decoder of the same sizes, torch.optim.Adam, the batches
   pre-cut in memory on the device) calling the same catvae estimator object, so the difference is framework cost.
 
-Both are timed over ``--steps`` steps after ``--warmup`` steps. Peak memory is the GPU's max allocated memory on
+Both are timed over ``--steps`` steps after ``--warmup`` steps, ``--repeats`` times alternately; the medians
+are reported (a shared machine's speed drifts by 10-20% between runs). Peak memory is the GPU's max allocated memory on
 CUDA, and the process's peak resident set size on CPU (cumulative: it only grows across rows). ``--iw`` also times
 the 1000-sample importance-weighted test bound on the 10,000 test images. The table is printed and written to
 ``--out`` with the machine it ran on.
@@ -22,6 +23,7 @@ import argparse
 import os
 import platform
 import resource
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -173,25 +175,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--estimators", nargs="+", default=["gumbel_softmax", "st_gumbel_softmax", "reinforce", "rloo"])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating repeats; the medians are reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--iw", action="store_true", help="also time the 1000-sample test bound")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/catvae_benchmark"))
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 1:
-        raise SystemExit(f"--steps and --warmup must be >= 1, got {args.steps} and {args.warmup}")
+    if min(args.steps, args.warmup, args.repeats) < 1:
+        raise SystemExit(f"--steps, --warmup and --repeats must be >= 1, got {args.steps}, {args.warmup}, "
+                         f"{args.repeats}")
     os.environ.setdefault("WANDB_MODE", "disabled")
     device = torch.device(args.device)
     rows, datamodule = [], None
     for name in args.estimators:
-        catvae_rate, datamodule = time_catvae(name, device, args.warmup, args.steps, args.workdir)
-        catvae_memory = peak_memory_mb(device)
-        plain_rate = time_plain(name, datamodule, device, args.warmup, args.steps)
+        catvae_rates, plain_rates = [], []
+        for _ in range(args.repeats):  # alternated, so that a slow spell of the machine hits both paths
+            rate, datamodule = time_catvae(name, device, args.warmup, args.steps, args.workdir)
+            catvae_rates.append(rate)
+            catvae_memory = peak_memory_mb(device)
+            plain_rates.append(time_plain(name, datamodule, device, args.warmup, args.steps))
+        catvae_rate, plain_rate = statistics.median(catvae_rates), statistics.median(plain_rates)
         rows.append((name, catvae_rate, plain_rate, catvae_memory, peak_memory_mb(device)))
-        print(f"{name}: catvae {catvae_rate:.1f} steps/s, plain {plain_rate:.1f} steps/s", flush=True)
+        print(f"{name}: catvae {catvae_rate:.1f} steps/s, plain {plain_rate:.1f} steps/s (medians of "
+              f"{[round(r, 1) for r in catvae_rates]} and {[round(r, 1) for r in plain_rates]})", flush=True)
     lines = [f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {machine(device)} with "
              f"`python scripts/benchmark.py {' '.join(sys.argv[1:] if argv is None else argv)}`: batch {BATCH}, "
-             f"20x10 VAE, {args.steps} timed steps after {args.warmup} warm-up steps.", "",
+             f"20x10 VAE, {args.steps} timed steps after {args.warmup} warm-up steps, medians of {args.repeats} "
+             f"alternating repeats.", "",
              "| estimator | catvae steps/s | plain loop steps/s | catvae / plain | ms per step (catvae) "
              "| peak memory after catvae, plain (MB) |", "|---|---|---|---|---|---|"]
     for name, catvae_rate, plain_rate, catvae_memory, plain_memory in rows:
