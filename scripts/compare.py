@@ -67,7 +67,10 @@ def load_run(directory: Path) -> Run:
     config = OmegaConf.load(directory / ".hydra" / "config.yaml")
     results_file, metrics_file = directory / "results.json", directory / "csv" / "metrics.csv"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    rows = list(csv.DictReader(metrics_file.open())) if metrics_file.is_file() else []
+    rows = []
+    if metrics_file.is_file():
+        with metrics_file.open() as handle:
+            rows = list(csv.DictReader(handle))
     estimator = results.get("estimator") or OmegaConf.select(config, "estimator.name") or "?"
     # the final temperature of a finished run, the configured one of an unfinished run
     tau = results.get("tau") if results else OmegaConf.select(config, "estimator.tau")
