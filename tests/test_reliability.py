@@ -233,3 +233,22 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
         _atomic_save({"version": 2, "weights": torch.zeros(1000)}, path)
     assert torch.load(path, weights_only=True)["version"] == 1
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_the_guard_names_a_non_finite_gradient():
+    from types import SimpleNamespace
+
+    from catvae.callbacks import NonFiniteGuard
+
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    module.estimator = SimpleNamespace(name="rloo")
+    module(torch.ones(1, 3)).sum().backward()
+    module[1].weight.grad[0, 1] = math.inf
+    guard, trainer = NonFiniteGuard("raise"), SimpleNamespace(global_step=7)
+    guard.on_before_backward(trainer, module, torch.tensor(1.0))
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient of 1.weight at step 7 with estimator rloo"):
+        guard.on_before_optimizer_step(trainer, module, None)
+    skipping = NonFiniteGuard("skip")
+    skipping.on_before_backward(trainer, module, torch.tensor(1.0))
+    skipping.on_before_optimizer_step(trainer, module, None)
+    assert skipping.skipped == 1 and all(p.grad is None for p in module.parameters())

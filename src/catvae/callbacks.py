@@ -183,7 +183,7 @@ class NonFiniteGuard(pl.Callback):
     applies it. ``policy="raise"`` stops the run with a FloatingPointError that names the step, the estimator
     and the offending tensor; ``policy="skip"`` drops the step's gradients (Adam then leaves parameters and
     moments untouched), counts it, and logs the count as ``train/skipped_steps``. Gradients are checked through
-    their norms (one fused reduction; a gradient whose norm overflows counts as non-finite). One device sync per step.
+    their norms (one fused reduction; a gradient whose norm overflows counts as non-finite); one host sync per step.
     """
 
     POLICIES = ("raise", "skip")
@@ -194,7 +194,7 @@ class NonFiniteGuard(pl.Callback):
                              f"choose one of {list(self.POLICIES)}")
         self.policy = policy
         self.skipped = 0
-        self.bad: str | None = None
+        self.loss: torch.Tensor | None = None
 
     def state_dict(self) -> dict[str, int]:
         return {"skipped": self.skipped}
@@ -203,18 +203,18 @@ class NonFiniteGuard(pl.Callback):
         self.skipped = state_dict["skipped"]
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        self.bad = None if bool(torch.isfinite(loss.detach()).all()) else f"loss ({loss.detach().item()})"
+        self.loss = loss.detach()
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         named = [(name, p) for name, p in pl_module.named_parameters() if p.grad is not None]
-        if self.bad is None and named:
-            norms = torch.stack(torch._foreach_norm([p.grad for _, p in named]))  # inf/NaN in a grad -> in its norm
-            if not bool(torch.isfinite(norms).all()):
-                self.bad = next(f"gradient of {name}" for (name, _), norm in zip(named, norms)
-                                if not bool(torch.isfinite(norm)))
-        if self.bad is None:
+        norms = torch.stack(torch._foreach_norm([p.grad for _, p in named])) if named else self.loss.new_zeros(1)
+        if bool(torch.isfinite(self.loss).all() & torch.isfinite(norms).all()):  # the step's one host sync
             return
-        where = f"non-finite {self.bad} at step {trainer.global_step} with estimator {pl_module.estimator.name}"
+        if not bool(torch.isfinite(self.loss).all()):
+            bad = f"loss ({self.loss.item()})"
+        else:  # inf/NaN in a gradient shows in its norm
+            bad = next(f"gradient of {name}" for (name, _), norm in zip(named, norms) if not bool(torch.isfinite(norm)))
+        where = f"non-finite {bad} at step {trainer.global_step} with estimator {pl_module.estimator.name}"
         if self.policy == "raise":
             raise FloatingPointError(f"{where}; set callbacks.nonfinite_guard.policy=skip to skip such steps")
         for _, p in named:
