@@ -245,10 +245,12 @@ def test_the_guard_names_a_non_finite_gradient():
     module(torch.ones(1, 3)).sum().backward()
     module[1].weight.grad[0, 1] = math.inf
     guard, trainer = NonFiniteGuard("raise"), SimpleNamespace(global_step=7)
+    guard.on_fit_start(trainer, module)
     guard.on_before_backward(trainer, module, torch.tensor(1.0))
     with pytest.raises(FloatingPointError, match=r"non-finite gradient of 1.weight at step 7 with estimator rloo"):
         guard.on_before_optimizer_step(trainer, module, None)
     skipping = NonFiniteGuard("skip")
+    skipping.on_fit_start(trainer, module)
     skipping.on_before_backward(trainer, module, torch.tensor(1.0))
     skipping.on_before_optimizer_step(trainer, module, None)
     assert skipping.skipped == 1 and all(p.grad is None for p in module.parameters())

@@ -195,6 +195,7 @@ class NonFiniteGuard(pl.Callback):
         self.policy = policy
         self.skipped = 0
         self.loss: torch.Tensor | None = None
+        self.parameters: list[tuple[str, torch.nn.Parameter]] = []
 
     def state_dict(self) -> dict[str, int]:
         return {"skipped": self.skipped}
@@ -205,10 +206,14 @@ class NonFiniteGuard(pl.Callback):
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         self.loss = loss.detach()
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.parameters = list(pl_module.named_parameters())
+
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        named = [(name, p) for name, p in pl_module.named_parameters() if p.grad is not None]
+        named = [(name, p) for name, p in self.parameters if p.grad is not None]
         norms = torch.stack(torch._foreach_norm([p.grad for _, p in named])) if named else self.loss.new_zeros(1)
-        if bool(torch.isfinite(self.loss).all() & torch.isfinite(norms).all()):  # the step's one host sync
+        # norms are >= 0, so the sum is finite exactly when the loss and every norm are: the step's one host sync
+        if bool(torch.isfinite(self.loss.float().sum() + norms.sum())):
             return
         if not bool(torch.isfinite(self.loss).all()):
             bad = f"loss ({self.loss.item()})"
