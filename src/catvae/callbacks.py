@@ -13,6 +13,7 @@ from torchvision.utils import make_grid, save_image
 
 from catvae.relaxations import check_temperature
 from catvae.step_logging import written_this_step
+from catvae.validation import check_choice, check_integer
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,7 @@ class SteppedSchedule(TemperatureSchedule):
         super().__init__(name)
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
             raise ValueError(f"schedule.rate must be a finite number >= 0, got {rate!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"schedule.every must be an integer >= 1, got {every!r}")
-        self.rate, self.every = float(rate), every
+        self.rate, self.every = float(rate), check_integer("schedule.every", every)
 
     def at(self, t: int) -> float:
         raise NotImplementedError
@@ -189,9 +188,7 @@ class NonFiniteGuard(pl.Callback):
     POLICIES = ("raise", "skip")
 
     def __init__(self, policy: str = "raise"):
-        if policy not in self.POLICIES:
-            raise ValueError(f"callbacks.nonfinite_guard.policy={policy!r} is not allowed; "
-                             f"choose one of {list(self.POLICIES)}")
+        check_choice("callbacks.nonfinite_guard.policy", policy, self.POLICIES)
         self.policy = policy
         self.skipped = 0
         self.loss: torch.Tensor | None = None

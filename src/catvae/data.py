@@ -19,6 +19,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from catvae.validation import check_choice, check_integer
+
 BINARIZATIONS = ("fixed", "dynamic", "threshold", "none")
 MNIST_SOURCES = ("auto", "pickle", "torchvision")
 MNIST_SPLIT_SIZES = {"train": 50_000, "val": 10_000, "test": 10_000}
@@ -30,19 +32,9 @@ HOW_TO_GET_MNIST = (
 )
 
 
-def check_choice(key: str, value: object, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
-
-
-def check_positive_int(key: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
-
-
 def check_optional_size(key: str, value: int | None) -> None:
     if value is not None:
-        check_positive_int(key, value)
+        check_integer(key, value)
 
 
 def binarize_fixed(images: Tensor, generator: torch.Generator) -> Tensor:
@@ -153,10 +145,10 @@ class ArrayDataModule(pl.LightningDataModule):
                  binarization: str = "fixed", seed: int = 0, train_size: int | None = None,
                  val_size: int | None = None, test_size: int | None = None):
         super().__init__()
-        check_positive_int("data.batch_size", batch_size)
+        check_integer("data.batch_size", batch_size)
         check_optional_size("data.eval_batch_size", eval_batch_size)
         check_choice("data.binarization", binarization, BINARIZATIONS)
-        check_positive_int("data.seed", seed, minimum=0)
+        check_integer("data.seed", seed, minimum=0)
         for key, value in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
             check_optional_size(f"data.{key}", value)
         self.batch_size = batch_size
@@ -299,8 +291,8 @@ class SyntheticDataModule(ArrayDataModule):
         super().__init__(**kwargs)
         for key, value in (("image_size", image_size), ("n_factors", n_factors), ("n_train", n_train),
                            ("n_val", n_val), ("n_test", n_test)):
-            check_positive_int(f"data.{key}", value)
-        check_positive_int("data.n_levels", n_levels, minimum=2)
+            check_integer(f"data.{key}", value)
+        check_integer("data.n_levels", n_levels, minimum=2)
         if not 0.0 <= noise < 0.5:
             raise ValueError(f"data.noise must be in [0, 0.5), got {noise!r}")
         self.image_shape = (1, image_size, image_size)

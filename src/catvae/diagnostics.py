@@ -27,9 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from catvae.estimators import RLOO, Estimator, Exact
-
-STATISTICS = ("var", "snr", "cos", "bias", "bias_se")
-
+from catvae.validation import check_integer
 
 @dataclass
 class Reference:
@@ -101,8 +99,7 @@ class GradientDiagnostics(pl.Callback):
                                     ("batch_size", batch_size, 1), ("reference_samples", reference_samples, 2),
                                     ("reference_draws", reference_draws, 2),
                                     ("max_exact_configurations", max_exact_configurations, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"callbacks.grad_diagnostics.{key} must be an integer >= {minimum}, got {value!r}")
+            check_integer(f"callbacks.grad_diagnostics.{key}", value, minimum)
         self.every_n_steps, self.n_draws, self.batch_size = every_n_steps, n_draws, batch_size
         self.panel = dict(panel or {})
         self.reference_samples, self.reference_draws = reference_samples, reference_draws
@@ -136,7 +133,7 @@ class GradientDiagnostics(pl.Callback):
         estimators.update({e.name: e for e in self.panel.values() if e.name not in estimators})
         tau = getattr(pl_module.estimator, "tau", None)
         param_ref, logit_ref = self.reference(pl_module, x)
-        metrics = {"grad/reference/var": param_ref.variance_of_mean * max(1, self.reference_draws)}
+        metrics = {"grad/reference/var": param_ref.variance_of_mean * self.reference_draws}  # of one draw
         for name, estimator in estimators.items():
             if self.follow_tau and tau is not None and hasattr(estimator, "tau"):
                 estimator.tau = tau

@@ -21,6 +21,7 @@ from pytorch_lightning.loggers import Logger, WandbLogger
 
 from catvae.resume import RNGState, resolve_resume
 from catvae.sweep import write_status
+from catvae.validation import check_choice, check_integer
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,8 @@ def configure_wandb_environment() -> None:
 
 def check_run_config(cfg: DictConfig) -> None:
     """Checks of top-level keys; each group's own values are checked by the class it instantiates."""
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {cfg.seed!r}")
-    if cfg.test_ckpt not in TEST_CHECKPOINTS:
-        raise ValueError(f"test_ckpt={cfg.test_ckpt!r} is not allowed; choose one of {list(TEST_CHECKPOINTS)}")
+    check_integer("seed", cfg.seed, minimum=0)
+    check_choice("test_ckpt", cfg.test_ckpt, TEST_CHECKPOINTS)
     resume = cfg.get("resume")
     if resume is not None and (not isinstance(resume, str) or not resume):
         raise ValueError(f"resume must be a checkpoint path or a run directory, got {resume!r}")

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from catvae.models.networks import mlp
+from catvae.validation import check_integer
 
 
 class Baseline(nn.Module):
@@ -98,9 +99,7 @@ class LearnedBaseline(MovingAverageBaseline):
 
     def __init__(self, hidden_size: int = 100, decay: float = 0.99, normalise_variance: bool = True):
         super().__init__(decay, normalise_variance)
-        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
-            raise ValueError(f"baseline hidden_size must be an integer >= 1, got {hidden_size!r}")
-        self.hidden_size = hidden_size
+        self.hidden_size = check_integer("baseline hidden_size", hidden_size)
         self.network: nn.Module | None = None
 
     def bind(self, context_dim: int) -> None:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from catvae.estimators.base import Estimate, Estimator, Objective
 from catvae.models.networks import mlp
 from catvae.relaxations import categorical_log_prob, check_temperature, conditional_gumbel, one_hot_argmax, perturbed_logits
+from catvae.validation import check_integer
 
 
 class RelaxedControlVariate(Estimator):
@@ -97,9 +98,7 @@ class RELAX(REBAR):
     def __init__(self, hidden_size: int = 200, eta: float = 1.0, temperature: float = 0.5,
                  name: str | None = None, optim: dict | None = None):
         super().__init__(eta, temperature, True, name, optim)
-        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
-            raise ValueError(f"estimator.hidden_size must be an integer >= 1, got {hidden_size!r}")
-        self.hidden_size = hidden_size
+        self.hidden_size = check_integer("estimator.hidden_size", hidden_size)
         self.network: nn.Module | None = None
 
     def bind(self, n_vars: int, n_classes: int, context_dim: int) -> None:

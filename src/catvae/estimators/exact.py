@@ -6,6 +6,7 @@ from torch import Tensor
 
 from catvae.estimators.base import Estimate, Estimator, Objective
 from catvae.relaxations import categorical_log_prob, enumerate_one_hot
+from catvae.validation import check_integer
 
 
 class Exact(Estimator):
@@ -22,9 +23,7 @@ class Exact(Estimator):
 
     def __init__(self, max_configurations: int = 4096, name: str | None = None, optim: dict | None = None):
         super().__init__(name, optim)
-        if isinstance(max_configurations, bool) or not isinstance(max_configurations, int) or max_configurations < 1:
-            raise ValueError(f"estimator.max_configurations must be an integer >= 1, got {max_configurations!r}")
-        self.max_configurations = max_configurations
+        self.max_configurations = check_integer("estimator.max_configurations", max_configurations)
 
     def check_size(self, n_vars: int, n_classes: int) -> None:
         if n_classes ** n_vars > self.max_configurations:

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from catvae.estimators.base import Estimate, Objective, TemperatureEstimator
 from catvae.relaxations import conditional_gumbel, gumbel_softmax, sample_categorical, straight_through
+from catvae.validation import check_integer
 
 
 class GumbelSoftmax(TemperatureEstimator):
@@ -79,9 +80,7 @@ class GumbelRao(StraightThroughEstimator):
 
     def __init__(self, tau: float = 1.0, n_samples: int = 10, name: str | None = None, optim: dict | None = None):
         super().__init__(tau, name, optim)
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"estimator.n_samples must be an integer >= 1, got {n_samples!r}")
-        self.n_samples = n_samples
+        self.n_samples = check_integer("estimator.n_samples", n_samples)
 
     def proxy(self, logits: Tensor, hard: Tensor) -> Tensor:
         log_p = torch.log_softmax(logits.float(), dim=-1)  # (B, N, K)

@@ -8,6 +8,7 @@ from torch import Tensor
 from catvae.estimators.base import Estimate, Estimator, Objective
 from catvae.estimators.baselines import Baseline, MovingAverageBaseline
 from catvae.relaxations import categorical_log_prob, sample_categorical
+from catvae.validation import check_integer
 
 
 def score_function_surrogate(loss: Tensor, log_q: Tensor, advantage: Tensor) -> Tensor:
@@ -30,12 +31,6 @@ def value_and_slope(objective: Objective, point: Tensor) -> tuple[Tensor, Tensor
         value = objective(leaf)
         (slope,) = torch.autograd.grad(value.sum(), leaf, retain_graph=True)
     return value, slope
-
-
-def check_sample_count(value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"estimator.n_samples must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 class BaselineEstimator(Estimator):
@@ -87,7 +82,7 @@ class MultiSampleEstimator(Estimator):
 
     def __init__(self, n_samples: int = 4, name: str | None = None, optim: dict | None = None):
         super().__init__(name, optim)
-        self.n_samples = check_sample_count(n_samples, 2)
+        self.n_samples = check_integer("estimator.n_samples", n_samples, minimum=2)
 
     def draw(self, logits: Tensor, objective: Objective) -> tuple[Tensor, Tensor, Tensor]:
         """(z (S, B, N, K) one-hot, f(z) (S, B), log q(z) (S, B))."""

@@ -15,6 +15,7 @@ from catvae.evaluation import importance_weighted_nll
 from catvae.models.networks import mlp
 from catvae.relaxations import categorical_log_prob, kl_to_uniform, sample_categorical
 from catvae.step_logging import written_this_step
+from catvae.validation import check_integer
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -36,8 +37,7 @@ class CategoricalVAE(pl.LightningModule):
         super().__init__()
         for key, value, minimum in (("model.n_vars", n_vars, 1), ("model.n_classes", n_classes, 2),
                                     ("model.iw_samples", iw_samples, 1), ("model.iw_chunk_size", iw_chunk_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+            check_integer(key, value, minimum)
         hidden_sizes, image_shape = list(hidden_sizes), [int(s) for s in image_shape]  # plain lists: checkpointable
         if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden_sizes):
             raise ValueError(f"model.hidden_sizes must be positive integers, got {hidden_sizes!r}")
