@@ -20,6 +20,7 @@ the 1000-sample importance-weighted test bound on the 10,000 test images. The ta
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import resource
@@ -38,7 +39,8 @@ from omegaconf import open_dict
 
 from catvae.evaluation import importance_weighted_nll
 from catvae.models.networks import mlp
-from catvae.relaxations import kl_to_uniform
+from catvae.models import CategoricalVAE
+from catvae.relaxations import categorical_log_prob, kl_to_uniform
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, N_VARS, N_CLASSES = 100, 20, 10
@@ -114,13 +116,11 @@ def time_plain(estimator_name: str, datamodule, device: torch.device, warmup: in
                 decoder(z.flatten(-2)), x.expand(*z.shape[:-2], -1), reduction="none").sum(-1)
 
         if estimator.analytic_kl:
-            estimate = estimator(logits, objective, context=features)
-            loss = (estimate.surrogate + kl_to_uniform(logits) / estimate.encoder_scale).mean()
-        else:
-            log_prior = -N_VARS * torch.log(torch.tensor(float(N_CLASSES)))
-            estimate = estimator(logits, lambda z: objective(z) - log_prior
-                                 + (z * torch.log_softmax(logits, -1)).sum((-1, -2)), context=features)
-            loss = estimate.surrogate.mean()
+            f, kl = objective, kl_to_uniform(logits)
+        else:  # the whole sampled bound, -log p(x|z) - log p(z) + log q(z|x)
+            f = lambda z: objective(z) + N_VARS * math.log(N_CLASSES) + categorical_log_prob(logits, z)  # noqa: E731
+            kl = torch.zeros(len(x), device=x.device)
+        loss = CategoricalVAE.surrogate_loss(estimator(logits, f, context=features), kl)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -41,7 +41,7 @@ def mean_table(probs: torch.Tensor, noise: torch.Tensor, taus=TABLE_TAUS) -> str
         mean, se = y.mean(0), y.std(0) / len(y) ** 0.5
         lines.append(f"| {tau:g} | " + " | ".join(f"{m:.4f} +- {s:.4f}" for m, s in zip(mean.tolist(), se.tolist()))
                      + " |")
-    lines.append(f"| (uniform) | " + " | ".join(f"{1 / k:.3f}" for _ in range(k)) + " |")
+    lines.append("| (uniform) | " + " | ".join(f"{1 / k:.3f}" for _ in range(k)) + " |")
     return "\n".join(lines) + "\n"
 
 

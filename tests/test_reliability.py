@@ -5,8 +5,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import pytorch_lightning as pl
@@ -16,7 +14,8 @@ from omegaconf import OmegaConf
 from catvae.models import CategoricalVAE
 from catvae.resume import resolve_resume
 from catvae.run import run
-from conftest import FAST, ROOT, compose_config
+from conftest import FAST, compose_config
+from test_compare import script
 from test_training import column, read_metrics, train_cli
 
 RESUMABLE = ["callbacks.step_checkpoint.every_n_train_steps=4", "trainer.max_epochs=3"]
@@ -132,8 +131,7 @@ def test_a_failed_job_does_not_stop_the_sweep_and_is_summarised(tmp_path):
     assert "estimator.tau must be a positive finite number" in summary["failed"]["2"]["error"]
     for job in ("0", "1", "3"):
         assert (tmp_path / "sweep" / job / "results.json").is_file()
-    compared = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare.py"), str(tmp_path / "sweep")],
-                              capture_output=True, text=True)
+    compared = script("compare.py", tmp_path / "sweep")
     assert compared.returncode == 0 and "1 of 4 runs unfinished or failed" in compared.stderr
     listed = (tmp_path / "sweep" / "comparison" / "summary.md").read_text()
     assert f"`{tmp_path / 'sweep' / '2'}`: failed;" in listed and "got -1.0" in listed
