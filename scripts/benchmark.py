@@ -1,7 +1,7 @@
 """Training speed of catvae's full path against a minimal plain-PyTorch loop of the same model.
 
     python scripts/benchmark.py [--estimators gumbel_softmax reinforce ...] [--steps 300] [--warmup 50]
-                                [--device cpu|cuda] [--iw] [--out docs/performance.md]
+                                [--device cpu|cuda] [--iw] [--overrides KEY=VALUE ...] [--out docs/performance.md]
 
 For each estimator, in this one process, on the same MNIST batches (batch 100, the 20x10 categorical VAE):
 
@@ -11,10 +11,11 @@ For each estimator, in this one process, on the same MNIST batches (batch 100, t
   pre-cut in memory on the device) calling the same catvae estimator object, so the difference is framework cost.
 
 Both are timed over ``--steps`` steps after ``--warmup`` steps, ``--repeats`` times alternately; the medians
-are reported (a shared machine's speed drifts by 10-20% between runs). Peak memory is the GPU's max allocated memory on
-CUDA, and the process's peak resident set size on CPU (cumulative: it only grows across rows). ``--iw`` also times
-the 1000-sample importance-weighted test bound on the 10,000 test images. The table is printed and written to
-``--out`` with the machine it ran on.
+are reported (a shared machine's speed drifts by 10-20% between runs). Peak memory is the GPU's max allocated
+memory on CUDA, and the process's peak resident set size on CPU (cumulative: it only grows across rows).
+``--overrides`` change catvae's path (e.g. ``~callbacks.nonfinite_guard`` times it without the non-finite guard).
+``--iw`` also times the 1000-sample importance-weighted test bound on the 10,000 test images. The table is
+printed and written to ``--out`` with the machine it ran on.
 """
 
 from __future__ import annotations
@@ -66,19 +67,20 @@ class StepTimer(pl.Callback):
         self.elapsed = time.perf_counter() - self.started
 
 
-def compose_run(estimator: str, device: str, out: Path, steps: int):
+def compose_run(estimator: str, device: str, out: Path, steps: int, extra: list[str]):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             f"estimator={estimator}", "experiment=jang2017_vae_cat", "logger=csv", f"trainer={device.replace('cuda', 'gpu')}",
             f"+trainer.max_steps={steps}", "+trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
-            "trainer.enable_model_summary=false", "trainer.log_every_n_steps=50"])
+            "trainer.enable_model_summary=false", "trainer.log_every_n_steps=50", *extra])
     with open_dict(cfg):
         cfg.paths.output_dir = str(out / estimator)
     return cfg
 
 
-def time_catvae(estimator: str, device: torch.device, warmup: int, steps: int, out: Path) -> tuple[float, object]:
-    cfg = compose_run(estimator, device.type, out, warmup + steps)
+def time_catvae(estimator: str, device: torch.device, warmup: int, steps: int, out: Path,
+                extra: list[str] = ()) -> tuple[float, object]:
+    cfg = compose_run(estimator, device.type, out, warmup + steps, list(extra))
     pl.seed_everything(0)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, estimator=instantiate(cfg.estimator), image_shape=list(datamodule.image_shape))
@@ -178,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating repeats; the medians are reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--iw", action="store_true", help="also time the 1000-sample test bound")
+    parser.add_argument("--overrides", nargs="*", default=[],
+                        help="extra Hydra overrides for catvae's path, e.g. '~callbacks.nonfinite_guard'")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/catvae_benchmark"))
     args = parser.parse_args(argv)
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.estimators:
         catvae_rates, plain_rates = [], []
         for _ in range(args.repeats):  # alternated, so that a slow spell of the machine hits both paths
-            rate, datamodule = time_catvae(name, device, args.warmup, args.steps, args.workdir)
+            rate, datamodule = time_catvae(name, device, args.warmup, args.steps, args.workdir, args.overrides)
             catvae_rates.append(rate)
             catvae_memory = peak_memory_mb(device)
             plain_rates.append(time_plain(name, datamodule, device, args.warmup, args.steps))
