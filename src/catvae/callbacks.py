@@ -11,6 +11,7 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 from torchvision.utils import make_grid, save_image
 
+from catvae.estimators import Estimator
 from catvae.relaxations import check_temperature
 from catvae.step_logging import written_this_step
 from catvae.validation import check_choice, check_integer
@@ -19,8 +20,9 @@ log = logging.getLogger(__name__)
 
 
 class TemperatureSchedule(pl.Callback):
-    """Sets ``pl_module.estimator.tau`` from the global step before every training batch and logs
-    it as ``tau``. Estimators without a temperature are left alone (nothing is logged).
+    """Sets the temperature ``tau`` of every estimator held by the model (one, or one per stochastic layer)
+    from the global step before every training batch and logs ``pl_module.estimator.tau`` as ``tau``.
+    Estimators without a temperature are left alone (nothing is logged).
 
     Subclasses define :meth:`value`; the step comes from the trainer, never from ``batch_idx``
     (which restarts every epoch), so a resumed run continues the same curve.
@@ -34,14 +36,15 @@ class TemperatureSchedule(pl.Callback):
         raise NotImplementedError
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
-        estimator = pl_module.estimator
-        if not hasattr(estimator, "tau"):
+        if not hasattr(pl_module.estimator, "tau"):
             return
         tau = self.value(trainer.global_step)
         if tau is not None:
-            estimator.tau = tau
+            for estimator in pl_module.modules():
+                if isinstance(estimator, Estimator) and hasattr(estimator, "tau"):
+                    estimator.tau = tau
         if written_this_step(trainer):
-            pl_module.log("tau", float(estimator.tau), on_step=True, on_epoch=False)
+            pl_module.log("tau", float(pl_module.estimator.tau), on_step=True, on_epoch=False)
 
 
 class ConstantTemperature(TemperatureSchedule):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -13,11 +13,10 @@ from torch import Tensor
 from catvae.estimators import Estimate, Estimator
 from catvae.evaluation import importance_weighted_nll
 from catvae.models.networks import mlp
+from catvae.models.optim import OptimizerFactory, estimator_parameter_groups
 from catvae.relaxations import categorical_log_prob, kl_to_uniform, sample_categorical
 from catvae.step_logging import written_this_step
 from catvae.validation import check_integer
-
-OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
 class CategoricalVAE(pl.LightningModule):
@@ -133,11 +132,8 @@ class CategoricalVAE(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """The configured optimiser over the model's parameters, with the estimator's own parameters
         (learned baselines, control variates) in a second group with the estimator's ``optim`` options."""
-        estimator_ids = {id(p) for p in self.estimator.parameters()}
-        groups = [{"params": [p for p in self.parameters() if id(p) not in estimator_ids]}]
-        if estimator_ids:
-            groups.append({"params": list(self.estimator.parameters()), **self.estimator.optim})
-        return self.optimizer_factory(groups)
+        return self.optimizer_factory(
+            estimator_parameter_groups(self, self.estimator.parameters(), self.estimator.optim))
 
     # ----- pictures -----
     @torch.no_grad()
