@@ -1,0 +1,133 @@
+"""The structured-prediction SBN (Jang et al. 2017, 4.1): estimators chained through stochastic layers,
+checked against the expectation over every configuration of both layers, and its prediction bound."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from catvae.estimators import Exact, GumbelSoftmax, Reinforce, RLOO, StraightThrough
+from catvae.models.sbn import StructuredPredictionSBN
+from catvae.run import run
+from conftest import all_one_hot, compose_config
+
+N_VARS, N_CLASSES, IMAGE = 2, 3, (1, 4, 3)  # 9 configurations per layer, upper/lower halves of 6 pixels
+
+
+def make_sbn(estimator, seed=1, **kwargs) -> StructuredPredictionSBN:
+    torch.manual_seed(seed)
+    return StructuredPredictionSBN(estimator, torch.optim.SGD, image_shape=IMAGE, n_vars=N_VARS,
+                                   n_classes=N_CLASSES, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.bernoulli(torch.full((5, *IMAGE), 0.5), generator=torch.Generator().manual_seed(0))
+
+
+def enumerated_terms(model, images):
+    """(p(h1, h2 | x_upper) (B, C, C), -log p(x_lower | h2) (B, C)) over all C configurations of each layer,
+    written out layer by layer, independently of the model's estimator chain."""
+    x_upper, x_lower = model.halves(images)
+    configs = all_one_hot(N_VARS, N_CLASSES)  # (C, N, K)
+    log_p1 = (configs * torch.log_softmax(model.layer_logits(0, x_upper), -1)[:, None]).sum((-1, -2))  # (B, C)
+    log_p2 = (configs * torch.log_softmax(model.layer_logits(1, configs.flatten(1)), -1)[:, None]).sum((-1, -2))
+    nll = model.lower_nll(configs[:, None].expand(-1, len(images), -1, -1), x_lower).T  # (B, C)
+    return (log_p1[:, :, None] + log_p2[None]).exp(), nll  # (B, C, C) over (h1, h2), (B, C) over h2
+
+
+def expected_loss(model, images):
+    joint, nll = enumerated_terms(model, images)
+    return (joint * nll[:, None, :]).sum()
+
+
+def flat_grad(value, model):
+    return torch.cat([g.flatten() for g in torch.autograd.grad(value, list(model.parameters()))])
+
+
+def test_exact_chained_through_two_layers_is_the_enumerated_gradient(images):
+    model = make_sbn(Exact())
+    x_upper, x_lower = model.halves(images)
+    estimate = model.estimate_from(0, x_upper, x_lower)
+    expected = expected_loss(model, images)
+    assert estimate.loss.sum().item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(flat_grad(estimate.surrogate.sum(), model), flat_grad(expected, model),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [Reinforce, lambda: RLOO(n_samples=3)], ids=["reinforce", "rloo"])
+def test_unbiased_estimators_chained_through_two_layers_are_unbiased(images, make):
+    """Gradients of all parameters (both layers and the output) against the enumerated gradient, per coordinate
+    in standard errors. Each of the 60 draws averages 100 independent copies of the batch (one call on the
+    batch repeated 100 times), so the test sees 6,000 single-sample gradients at the cost of 60 calls."""
+    model, copies = make_sbn(make()), 100
+    x_upper, x_lower = model.halves(images.repeat(copies, 1, 1, 1))
+    torch.manual_seed(0)
+    draws = torch.stack([flat_grad(model.estimate_from(0, x_upper, x_lower).surrogate.sum() / copies, model)
+                         for _ in range(60)])
+    exact = flat_grad(expected_loss(model, images), model)
+    standard_error = draws.std(0) / math.sqrt(len(draws))
+    z = (draws.mean(0) - exact) / standard_error.clamp_min(1e-6)
+    assert z.abs().max() < 4.5 and (z.abs() > 3).float().mean() < 0.02
+    # and the test has power: a gradient off by 10% of its size is detected
+    assert ((draws.mean(0) - 1.1 * exact) / standard_error.clamp_min(1e-6)).abs().max() > 4.5
+
+
+@pytest.mark.parametrize("make", [lambda: GumbelSoftmax(tau=0.5), lambda: StraightThrough()], ids=["gs", "st"])
+def test_pathwise_estimators_reach_every_layer(images, make):
+    model = make_sbn(make())
+    x_upper, x_lower = model.halves(images)
+    model.estimate_from(0, x_upper, x_lower).surrogate.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_each_layer_holds_its_own_estimator_state():
+    model = make_sbn(Reinforce(), n_layers=3)
+    assert len(model.layer_estimators) == 3 and model.estimator is model.layer_estimators[0]
+    buffers = [dict(e.named_buffers()) for e in model.layer_estimators]
+    assert all(b.keys() == buffers[0].keys() for b in buffers)
+    assert len({id(t) for b in buffers for t in b.values()}) == 3 * len(buffers[0])
+
+
+def test_prediction_nll_approaches_the_exact_conditional_likelihood(images):
+    """-log (1/m) sum p(x_lower | h_i) with m = 20,000 against -log p(x_lower | x_upper) by enumeration; the
+    estimate is an upper bound in expectation whose gap shrinks as 1/m."""
+    model = make_sbn(Exact())
+    joint, nll = enumerated_terms(model, images)
+    exact = -torch.logsumexp(torch.log(joint.sum(1)) - nll, dim=1)  # (B,)
+    torch.manual_seed(0)
+    estimate = model.prediction_nll(images, n_samples=20_000)
+    torch.testing.assert_close(estimate, exact.detach(), atol=0.02, rtol=0)
+    few = torch.stack([model.prediction_nll(images, n_samples=2) for _ in range(400)]).mean(0)
+    assert (few - exact).min() > 0  # the 2-sample bound is looser on average
+
+
+def test_halves_split_rows():
+    model = make_sbn(Exact())
+    images = torch.arange(12.0).view(1, *IMAGE)
+    upper, lower = model.halves(images)
+    assert upper.tolist() == [[0.0, 1, 2, 3, 4, 5]] and lower.tolist() == [[6.0, 7, 8, 9, 10, 11]]
+
+
+@pytest.mark.parametrize("overrides", [["model.n_layers=0"], ["model.hidden_sizes=[0]"], ["model.n_classes=1"]])
+def test_bad_sizes_are_refused_by_name(overrides, tmp_path):
+    cfg = compose_config(["experiment=jang2017_sbn_base", *SYNTHETIC, *overrides], tmp_path)
+    with pytest.raises(Exception, match=overrides[0].split("=")[0]):
+        run(cfg)
+
+
+SYNTHETIC = ["data=synthetic", "data.batch_size=32", "model.n_vars=4", "model.n_classes=3", "model.val_samples=5",
+             "model.test_samples=20", "trainer=cpu", "trainer.max_epochs=2", "trainer.enable_model_summary=false",
+             "logger=csv"]
+
+
+@pytest.mark.parametrize("column", ["annealed_st", "muprop", "vimco"])
+def test_table1_sbn_row_trains_every_kind_of_column(column, tmp_path):
+    cfg = compose_config(["experiment=jang2017_table1_sbn_cat", f"table1_column={column}", *SYNTHETIC], tmp_path)
+    results = run(cfg)
+    assert json.loads((Path(tmp_path) / "results.json").read_text()) == results
+    assert math.isfinite(results["metrics"]["test/nll"]) and results["global_step"] == 2 * (512 // 32)
+    if column == "annealed_st":  # the column's slope schedule replaces the row's constant temperature
+        assert cfg.schedule._target_.endswith("LinearSlopeSchedule")
