@@ -15,3 +15,11 @@ def check_integer(key: str, value: object, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def check_sizes(key: str, values: object) -> list[int]:
+    """Raise unless ``values`` is a list of integers >= 1 (layer widths); returns it as a plain list."""
+    values = list(values)
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ValueError(f"{key} must be positive integers, got {values!r}")
+    return values

@@ -20,7 +20,7 @@ from catvae.models.networks import mlp
 from catvae.models.optim import OptimizerFactory, estimator_parameter_groups
 from catvae.relaxations import categorical_log_prob, sample_categorical
 from catvae.step_logging import written_this_step
-from catvae.validation import check_integer
+from catvae.validation import check_integer, check_sizes
 
 
 def value_with_gradient_of(estimate: Estimate) -> Tensor:
@@ -46,6 +46,9 @@ class StructuredPredictionSBN(pl.LightningModule):
     contract trains every layer. Evaluation: -log (1/m) sum_i p(x_lower | h_i), h_i ~ p(h | x_upper)
     one-hot, m = ``test_samples`` (``val_samples`` in validation): a stochastic upper bound on
     -log p(x_lower | x_upper) that tightens as m grows.
+
+    Notes: MuProp, which evaluates its objective at the mean-field point too, runs the layers below there
+    as well, with fresh noise and their baselines updated by that evaluation. The SBN has no closed-form term, so the estimators' ``encoder_scale`` is not needed.
     """
 
     def __init__(self, estimator: Estimator, optimizer: OptimizerFactory, image_shape: Sequence[int],
@@ -56,9 +59,7 @@ class StructuredPredictionSBN(pl.LightningModule):
                                     ("model.n_classes", n_classes, 2), ("model.val_samples", val_samples, 1),
                                     ("model.test_samples", test_samples, 1), ("model.chunk_size", chunk_size, 1)):
             check_integer(key, value, minimum)
-        hidden_sizes, image_shape = list(hidden_sizes), [int(s) for s in image_shape]
-        if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden_sizes):
-            raise ValueError(f"model.hidden_sizes must be positive integers, got {hidden_sizes!r}")
+        hidden_sizes, image_shape = check_sizes("model.hidden_sizes", hidden_sizes), [int(s) for s in image_shape]
         if image_shape[-2] < 2:
             raise ValueError(f"images need at least 2 rows to split into halves, got image_shape={image_shape}")
         self.save_hyperparameters(ignore=["estimator", "optimizer"])

@@ -16,7 +16,7 @@ from catvae.models.networks import mlp
 from catvae.models.optim import OptimizerFactory, estimator_parameter_groups
 from catvae.relaxations import categorical_log_prob, kl_to_uniform, sample_categorical
 from catvae.step_logging import written_this_step
-from catvae.validation import check_integer
+from catvae.validation import check_integer, check_sizes
 
 
 class CategoricalVAE(pl.LightningModule):
@@ -37,9 +37,8 @@ class CategoricalVAE(pl.LightningModule):
         for key, value, minimum in (("model.n_vars", n_vars, 1), ("model.n_classes", n_classes, 2),
                                     ("model.iw_samples", iw_samples, 1), ("model.iw_chunk_size", iw_chunk_size, 1)):
             check_integer(key, value, minimum)
-        hidden_sizes, image_shape = list(hidden_sizes), [int(s) for s in image_shape]  # plain lists: checkpointable
-        if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden_sizes):
-            raise ValueError(f"model.hidden_sizes must be positive integers, got {hidden_sizes!r}")
+        hidden_sizes = check_sizes("model.hidden_sizes", hidden_sizes)  # plain lists: checkpointable
+        image_shape = [int(s) for s in image_shape]
         self.save_hyperparameters(ignore=["estimator", "optimizer"])
         self.estimator = estimator
         self.optimizer_factory = optimizer
