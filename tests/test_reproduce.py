@@ -23,20 +23,20 @@ def script(out, *args):
 
 def test_a_row_end_to_end_then_nothing_to_redo(tmp_path):
     out = tmp_path / "table1"
-    args = ["--rows", "sbn_cat", "--columns", "st,gumbel_softmax", "--lrs", "1e-1,1e-4", "--seeds", "0,1", *TINY]
+    args = ["--rows", "sbn_cat", "--columns", "st,gumbel_softmax", "--grid", "1e-1,1e-4", "--seeds", "0,1", *TINY]
     script(out, *args)
+    row = reproduce.ROWS["sbn_cat"]
     with (out / "table1.csv").open() as handle:
         records = {r["column"]: r for r in csv.DictReader(handle)}
     assert set(records) == {"st", "gumbel_softmax"}
     for column, record in records.items():
-        assert record["seeds"] == "2" and float(record["paper"]) == reproduce.PAPER["sbn_cat"][
-            reproduce.PAPER_COLUMNS.index(column)]
+        assert record["seeds"] == "2" and (float(record["paper"]),) == row.paper[column]
         # the selected learning rate is the one with the lower best val/nll among the seed-0 runs
         runs = [r for r in compare.load_runs([out / "sbn_cat" / "select"]) if reproduce.column_of(r) == column]
-        best = min(runs, key=lambda r: reproduce.best_validation(r, "val/nll"))
-        assert record["setting"] == " ".join(reproduce.setting_of(best))
+        best = min(runs, key=lambda r: min(value for _, value in r.series("val/nll")))
+        assert record["setting"] == " ".join(reproduce.setting_of(best, row))
         seeds = compare.load_runs([out / "sbn_cat" / "seeds" / column])
-        assert [r.seed for r in seeds] == [1] and reproduce.setting_of(seeds[0]) == reproduce.setting_of(best)
+        assert [r.seed for r in seeds] == [1] and reproduce.setting_of(seeds[0], row) == reproduce.setting_of(best, row)
         values = [best.metrics["test/nll"], seeds[0].metrics["test/nll"]]
         assert float(record["mean"]) == pytest.approx(sum(values) / 2, abs=0.01)
     assert "SBN (Cat.)" in (out / "table1.md").read_text()
@@ -54,6 +54,14 @@ def test_vae_rows_select_the_temperature_schedule_for_the_gumbel_columns_only(tm
     assert "schedule" not in other and "model.optimizer.lr=3e-5,1e-5,3e-4,1e-4,3e-3,1e-3" in other
     cpu = script(tmp_path / "cpu", "--rows", "sbn_bern", "--protocol", "cpu", "--dry-run")
     assert "protocol=cpu model.val_samples=10" in cpu and "model.optimizer.lr=1e-3,3e-3" in cpu and "schedule" not in cpu
+
+
+def test_table2_selects_alpha_for_each_estimator(tmp_path):
+    temperature, other = script(tmp_path, "--table", "2", "--protocol", "cpu", "--dry-run").splitlines()
+    assert "experiment=jang2017_m2_cpu estimator=gumbel_softmax,st_gumbel_softmax model.alpha=0.1,0.3,1.0" in temperature
+    assert "estimator=exact model.alpha=0.1,0.3,1.0 seed=0" in other and "protocol" not in other
+    m2 = reproduce.ROWS["m2"]
+    assert m2.better(0.9, 0.8) and not reproduce.ROWS["vae_cat"].better(0.9, 0.8)  # accuracy up, nats down
 
 
 @pytest.mark.parametrize("args, message", [(["--rows", "sbn"], "unknown rows ['sbn']"),
