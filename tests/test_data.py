@@ -66,6 +66,31 @@ def test_dynamic_binarization_draws_fresh_training_bits_each_epoch_but_fixed_eva
     assert torch.equal(val, synthetic(binarization="dynamic", batch_size=50).splits["val"][0])
 
 
+class FakeTrainer:
+    """Stands in for a Lightning trainer on another device; "meta" tensors carry shapes and devices, not data."""
+
+    class strategy:
+        root_device = torch.device("meta")
+
+
+@pytest.mark.parametrize("module", ["synthetic", "semisupervised"])
+def test_device_auto_cuts_batches_on_the_training_device_from_splits_copied_once(module):
+    from catvae.data_semisupervised import SemiSupervisedSynthetic
+
+    dm = synthetic(batch_size=50) if module == "synthetic" else SemiSupervisedSynthetic(
+        batch_size=50, n_labelled=8, labelled_batch_size=4)
+    dm.setup()
+    dm.trainer = FakeTrainer()
+    batch = next(iter(dm.train_dataloader()))
+    assert all(t.device.type == "meta" for t in batch) and batch[0].shape == (50, 1, 8, 8)
+    assert dm.resident("train")[0] is dm.resident("train")[0], "copied to the device once"
+    assert next(iter(dm.val_dataloader()))[0].device.type == "meta"
+    assert dm.splits["train"][0].device.type == "cpu"  # the host copy stays for checks and pictures
+    on_host = synthetic(batch_size=50, device="cpu")
+    on_host.trainer = FakeTrainer()
+    assert next(iter(on_host.train_dataloader()))[0].device.type == "cpu"
+
+
 def test_epoch_sampler_order_depends_on_seed_and_epoch_only():
     def order(seed, epoch):
         sampler = EpochSampler(103, 10, shuffle=True, drop_last=True, seed=seed)
@@ -161,6 +186,7 @@ def test_unreadable_data_dir_is_rejected(tmp_path):
     ({"train_size": -3}, "data.train_size must be an integer >= 1, got -3"),
     ({"noise": 0.7}, r"data.noise must be in \[0, 0.5\), got 0.7"),
     ({"n_levels": 1}, "data.n_levels must be an integer >= 2, got 1"),
+    ({"device": "cuda"}, r"data.device='cuda' is not allowed; choose one of \['auto', 'cpu'\]"),
 ])
 def test_bad_data_options_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -3,6 +3,8 @@
 All splits are held in memory as float tensors; batches are cut from them by index with no
 per-item Python work. Shuffling and dynamic binarization are seeded by (seed, epoch), so the data
 order of every epoch is a function of the config alone (and Lightning's ``set_epoch`` call).
+With ``device=auto`` the splits live on the training device (a GPU when training on one): batches
+are cut, shuffled and binarized there, and no step copies data from the host.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import Tensor
 from catvae.validation import check_choice, check_integer
 
 BINARIZATIONS = ("fixed", "dynamic", "threshold", "none")
+DATA_DEVICES = ("auto", "cpu")
 MNIST_SOURCES = ("auto", "pickle", "torchvision")
 MNIST_SPLIT_SIZES = {"train": 50_000, "val": 10_000, "test": 10_000}
 _TORCHVISION_MARKER = ("MNIST", "raw", "train-images-idx3-ubyte")
@@ -62,16 +65,18 @@ class EpochSampler:
     run resumed at epoch e replays epoch e's order.
     """
 
-    def __init__(self, size: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int):
+    def __init__(self, size: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
+                 device: torch.device | str = "cpu"):
         self.size, self.batch_size, self.shuffle, self.drop_last, self.seed = size, batch_size, shuffle, drop_last, seed
+        self.device = torch.device(device)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def generator(self) -> torch.Generator:
-        """CPU generator for this epoch: seeds (seed, epoch) map to distinct streams."""
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """Generator for this epoch on ``device``: seeds (seed, epoch) map to distinct streams."""
+        return torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self.epoch)
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -79,10 +84,12 @@ class EpochSampler:
         return math.ceil(self.size / self.batch_size)
 
     def __iter__(self) -> Iterator[Tensor]:
+        """Index batches on ``device``. The order is drawn on the CPU (the same on every device) and copied
+        to ``device`` once per epoch."""
         if self.shuffle:
-            order = torch.randperm(self.size, generator=self.generator())
+            order = torch.randperm(self.size, generator=self.generator()).to(self.device)
         else:
-            order = torch.arange(self.size)
+            order = torch.arange(self.size, device=self.device)
         for i in range(len(self)):
             yield order[i * self.batch_size:(i + 1) * self.batch_size]
 
@@ -91,7 +98,7 @@ class TensorBatchLoader:
     """Iterable of (images (B, C, H, W), labels (B,)) batches cut from in-memory tensors.
 
     With ``dynamic`` binarization each batch is a fresh Bernoulli draw of its grey levels, from a
-    generator seeded by (seed, epoch).
+    generator seeded by (seed, epoch) on the images' device (so the draws depend on the device type).
 
     Resumable mid-epoch: Lightning saves :meth:`state_dict` in checkpoints and, on resume, calls
     :meth:`load_state_dict` before iterating, so the epoch continues at the first batch not yet trained on
@@ -117,7 +124,7 @@ class TensorBatchLoader:
         self.resume_at = (state["epoch"], state["consumed"])
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        generator = self.sampler.generator() if self.dynamic else None
+        generator = self.sampler.generator(self.images.device) if self.dynamic else None
         # a saved position applies to the epoch it was saved in (after an epoch-end save, the next epoch starts)
         skip = self.resume_at[1] if self.resume_at and self.resume_at[0] == self.sampler.epoch else 0
         self.resume_at = None
@@ -143,12 +150,13 @@ class ArrayDataModule(pl.LightningDataModule):
 
     def __init__(self, batch_size: int = 100, eval_batch_size: int | None = None,
                  binarization: str = "fixed", seed: int = 0, train_size: int | None = None,
-                 val_size: int | None = None, test_size: int | None = None):
+                 val_size: int | None = None, test_size: int | None = None, device: str = "auto"):
         super().__init__()
         check_integer("data.batch_size", batch_size)
         check_optional_size("data.eval_batch_size", eval_batch_size)
         check_choice("data.binarization", binarization, BINARIZATIONS)
         check_integer("data.seed", seed, minimum=0)
+        check_choice("data.device", device, DATA_DEVICES)
         for key, value in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
             check_optional_size(f"data.{key}", value)
         self.batch_size = batch_size
@@ -156,7 +164,9 @@ class ArrayDataModule(pl.LightningDataModule):
         self.binarization = binarization
         self.seed = seed
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
-        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        self.device = device
+        self.splits: dict[str, tuple[Tensor, Tensor]] = {}  # on the CPU
+        self._resident: dict[str, tuple[Tensor, Tensor]] = {}  # copies on the training device
 
     @property
     def input_dim(self) -> int:
@@ -182,10 +192,26 @@ class ArrayDataModule(pl.LightningDataModule):
             raise ValueError(f"data.batch_size={self.batch_size} exceeds the {len(self.splits['train'][0])} "
                              f"training images")
 
+    def storage_device(self) -> torch.device:
+        """Where batches are cut: the trainer's device with ``device=auto`` once a trainer is attached, else the CPU."""
+        if self.device == "auto" and self.trainer is not None:
+            return self.trainer.strategy.root_device
+        return torch.device("cpu")
+
+    def resident(self, split: str) -> tuple[Tensor, Tensor]:
+        """(images, labels) of ``split`` on :meth:`storage_device`, copied there once."""
+        device = self.storage_device()
+        if device.type == "cpu":
+            return self.splits[split]
+        if split not in self._resident or self._resident[split][0].device != device:
+            self._resident[split] = tuple(t.to(device) for t in self.splits[split])
+        return self._resident[split]
+
     def _loader(self, split: str, train: bool) -> TensorBatchLoader:
-        images, labels = self.splits[split]
+        images, labels = self.resident(split)
         batch_size = self.batch_size if train else self.eval_batch_size
-        sampler = EpochSampler(len(images), batch_size, shuffle=train, drop_last=train, seed=self.seed)
+        sampler = EpochSampler(len(images), batch_size, shuffle=train, drop_last=train, seed=self.seed,
+                               device=images.device)
         return TensorBatchLoader(images, labels, sampler, dynamic=train and self.binarization == "dynamic")
 
     def train_dataloader(self) -> TensorBatchLoader:

@@ -28,12 +28,12 @@ class CyclingSampler(EpochSampler):
     permutations of the set, one after the other, cut into batches, so every example is drawn equally often
     (up to the last permutation). Seeded by (seed, epoch) like :class:`EpochSampler`, on a stream of its own."""
 
-    def __init__(self, size: int, batch_size: int, n_batches: int, seed: int):
-        super().__init__(size, batch_size, shuffle=True, drop_last=False, seed=seed)
+    def __init__(self, size: int, batch_size: int, n_batches: int, seed: int, device: torch.device | str = "cpu"):
+        super().__init__(size, batch_size, shuffle=True, drop_last=False, seed=seed, device=device)
         self.n_batches = n_batches
 
-    def generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(LABELLED_STREAM + self.seed * 1_000_003 + self.epoch)
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(LABELLED_STREAM + self.seed * 1_000_003 + self.epoch)
 
     def __len__(self) -> int:
         return self.n_batches
@@ -42,6 +42,7 @@ class CyclingSampler(EpochSampler):
         generator = self.generator()
         n_permutations = -(-self.n_batches * self.batch_size // self.size)  # ceil
         order = torch.cat([torch.randperm(self.size, generator=generator) for _ in range(n_permutations)])
+        order = order.to(self.device)
         for i in range(self.n_batches):
             yield order[i * self.batch_size:(i + 1) * self.batch_size]
 
@@ -129,9 +130,9 @@ class SemiSupervised:
 
     def train_dataloader(self) -> SemiSupervisedLoader:
         unlabelled = self._loader("train", train=True)
-        images, labels = self.splits["train"]
-        index = self.labelled_index
-        sampler = CyclingSampler(len(index), self.labelled_batch_size, len(unlabelled), self.seed)
+        images, labels = self.resident("train")
+        index = self.labelled_index.to(images.device)
+        sampler = CyclingSampler(len(index), self.labelled_batch_size, len(unlabelled), self.seed, images.device)
         labelled = TensorBatchLoader(images[index], labels[index], sampler, dynamic=self.binarization == "dynamic")
         return SemiSupervisedLoader(unlabelled, labelled)
 
