@@ -137,6 +137,19 @@ def setting_of(run: Run, row: Row) -> tuple[str, ...]:
     return setting
 
 
+def grid_value(run: Run, row: Row) -> float:
+    return float(OmegaConf.select(OmegaConf.load(run.directory / ".hydra" / "config.yaml"), row.grid_key))
+
+
+def fresh(directory: Path) -> Path:
+    """``directory``, or a new subdirectory of it if it holds runs already: a multirun numbers its jobs from 0 and
+    would overwrite them."""
+    if not directory.exists():
+        return directory
+    count = sum(1 for p in directory.iterdir() if p.name.startswith("more"))
+    return directory / f"more{count}"
+
+
 def best_validation(run: Run, row: Row) -> float:
     """The best value of the row's validation metric over the run's validations (+-inf without any)."""
     values = [value for _, value in run.series(row.val_metric)]
@@ -189,17 +202,24 @@ class Reproduction:
         return f"{row.column_key}={','.join(values)}"
 
     def select(self, name: str) -> dict[str, Run]:
-        """Selection runs (seed 0) over the grid; returns the best run of each column on validation."""
+        """Selection runs (seed 0) for the grid values each column has not been run at (a grid extended later
+        runs only its new values); returns the best run of each column on validation."""
         row, select_dir = ROWS[name], self.out / name / "select"
-        done = {column_of(run) for run in self.finished(select_dir)}
-        todo = [c for c in self.columns(row) if c not in done]
+        grid = (self.args.grid or row.grids[self.args.protocol]).split(",")
+        tried: dict[str, set[float]] = {}
+        for run in self.finished(select_dir):
+            tried.setdefault(column_of(run), set()).add(grid_value(run, row))
         schedule_grid = self.args.select_schedule and row.temperature_schedule
-        grid = self.args.grid or row.grids[self.args.protocol]
         for group, extra in (("temperature", SCHEDULE_GRID if schedule_grid else ()), ("other", ())):
-            columns = [c for c in todo if (c in TEMPERATURE_COLUMNS) == (group == "temperature")]
-            if columns:
-                self.train([*self.base(row), self.pick(row, columns), f"{row.grid_key}={grid}", *extra, "seed=0"],
-                           select_dir / group)
+            todo: dict[tuple[str, ...], list[str]] = {}  # missing grid values -> the columns missing them
+            for column in self.columns(row):
+                if (column in TEMPERATURE_COLUMNS) == (group == "temperature"):
+                    missing = tuple(v for v in grid if float(v) not in tried.get(column, set()))
+                    if missing:
+                        todo.setdefault(missing, []).append(column)
+            for missing, columns in todo.items():
+                self.train([*self.base(row), self.pick(row, columns), f"{row.grid_key}={','.join(missing)}", *extra,
+                            "seed=0"], fresh(select_dir / group))
         best: dict[str, Run] = {}
         for run in self.finished(select_dir):
             column = column_of(run)
@@ -209,16 +229,18 @@ class Reproduction:
         return best
 
     def seeds(self, name: str, selected: dict[str, Run]) -> dict[str, list[Run]]:
-        """The selected settings re-trained with the remaining seeds; the selection run is seed 0."""
+        """The selected settings re-trained with the remaining seeds; the selection run is seed 0. Seed runs of
+        another setting (selected before the grid was extended) are left aside."""
         row, runs = ROWS[name], {}
         for column, chosen in selected.items():
-            seed_dir = self.out / name / "seeds" / column
-            missing = [s for s in self.args.seeds if s != 0 and s not in {r.seed for r in self.finished(seed_dir)}]
+            seed_dir, setting = self.out / name / "seeds" / column, setting_of(chosen, row)
+            matching = lambda: [r for r in self.finished(seed_dir) if setting_of(r, row) == setting]  # noqa: E731
+            missing = [s for s in self.args.seeds if s != 0 and s not in {r.seed for r in matching()}]
             if missing:
-                self.train([*self.base(row), self.pick(row, [column]), *setting_of(chosen, row),
-                            f"seed={','.join(map(str, missing))}"], seed_dir)
+                self.train([*self.base(row), self.pick(row, [column]), *setting,
+                            f"seed={','.join(map(str, missing))}"], fresh(seed_dir))
             runs[column] = ([chosen] if 0 in self.args.seeds else []) + [
-                r for r in self.finished(seed_dir) if r.seed in self.args.seeds]
+                r for r in matching() if r.seed in self.args.seeds]
         return runs
 
     def table(self, results: dict[str, dict[str, list[Run]]], selected: dict[str, dict[str, Run]]) -> None:

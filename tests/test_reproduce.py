@@ -44,6 +44,14 @@ def test_a_row_end_to_end_then_nothing_to_redo(tmp_path):
     assert len(commands) == 4  # selection: temperature and other columns; seeds: one per column
     script(out, *args)  # everything is found again: nothing re-runs
     assert (out / "commands.txt").read_text().splitlines() == commands
+    # a grid extended later runs only its new value, into new directories, and the table keeps 2 seeds per cell
+    script(out, *[a if a != "1e-1,1e-4" else "1e-1,1e-4,3e-2" for a in args])
+    added = (out / "commands.txt").read_text().splitlines()[len(commands):]
+    selection = [c for c in added if "seed=0 " in c]
+    assert len(selection) == 2 and all("model.optimizer.lr=3e-2 " in c and "/more0" in c for c in selection)
+    assert len(compare.load_runs([out / "sbn_cat" / "select"])) == 6
+    with (out / "table1.csv").open() as handle:
+        assert [r["seeds"] for r in csv.DictReader(handle)] == ["2", "2"]
 
 
 def test_vae_rows_select_the_temperature_schedule_for_the_gumbel_columns_only(tmp_path):
