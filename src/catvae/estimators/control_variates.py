@@ -23,10 +23,14 @@ class RelaxedControlVariate(Estimator):
         g_logits = [f(b) - c(z~)] grad log q(b) + grad c(z) - grad c(z~),
 
     unbiased for any c. The objective's own parameters (the decoder) get grad f(b). The control
-    variate's parameters are trained to minimise E ||g_logits||^2 (= the variance plus a constant,
+    variate's parameters phi are trained to minimise V = E ||g_logits||^2 (= the variance plus a constant,
     since the mean does not depend on them); the per-example gradient w.r.t. the logits is the
-    variance proxy, chosen because it is what every encoder weight's gradient is built from. That
-    second-order gradient enters the surrogate as sg(d||g||^2/d phi) . phi, so it reaches only phi.
+    variance proxy, chosen because it is what every encoder weight's gradient is built from. phi follows
+    the gradient of V^ / V0, V^ the batch's sum of ||g||^2 and V0 (a constant) the same sum for REINFORCE
+    without control variate, sum f(b)^2 ||b - softmax(logits)||^2 (grad log q(b) = b - softmax(logits)):
+    the variance gradient relative to the problem's scale, so that a plain SGD step (Table 1's optimiser)
+    is as long when f is hundreds of nats as when it is one. That second-order gradient enters the
+    surrogate as sg(d(V^/V0)/d phi) . phi, so it reaches only phi.
     """
 
     unbiased = True
@@ -53,9 +57,11 @@ class RelaxedControlVariate(Estimator):
         surrogate = loss + (grad_logits.detach() * finite_logits).sum((-1, -2))
         params = [p for p in self.parameters() if p.requires_grad]
         if params:
-            variance_grads = torch.autograd.grad(grad_logits.pow(2).sum(), params, allow_unused=True)
+            score_norms = (b - F.softmax(logits.detach().float(), dim=-1)).pow(2).sum((-1, -2))  # (B,)
+            scale = (loss.detach().pow(2) * score_norms).sum().clamp_min(torch.finfo(grad_logits.dtype).tiny)
+            variance_grads = torch.autograd.grad(grad_logits.pow(2).sum() / scale, params, allow_unused=True)
             tuning = sum((g.detach() * p).sum() for g, p in zip(variance_grads, params) if g is not None)
-            surrogate = surrogate + tuning / logits.shape[0]
+            surrogate = surrogate + tuning  # the same in every element: the batch mean passes it on whole
         return Estimate(loss=loss, surrogate=surrogate, z=b)
 
 
