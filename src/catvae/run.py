@@ -132,6 +132,8 @@ def train_and_test(cfg: DictConfig, output_dir: Path) -> dict:
     datamodule.setup("fit")  # reads the data and checks sizes against it
     estimator = instantiate(cfg.estimator)
     model = instantiate(cfg.model, estimator=estimator, image_shape=list(datamodule.image_shape))
+    if cfg.get("compile"):
+        log.info("compiled: %s", ", ".join(instantiate(cfg.compile)(model)))
     callbacks = instantiate_group(cfg.callbacks) + [instantiate(cfg.schedule), RNGState()]
     loggers = instantiate_loggers(cfg.logger)
     try:

@@ -56,6 +56,9 @@ class Estimator(nn.Module):
     #: False where the estimator optimises a sampled bound and wants the whole per-sample
     #: -log p(x, z) + log q(z|x) as its objective (VIMCO) instead of -log p(x|z) plus a closed-form KL.
     analytic_kl: ClassVar[bool] = True
+    #: True where training differentiates through the objective twice (a variance gradient of a
+    #: learned control variate): torch.compile'd networks do not support that double backward.
+    double_backward: ClassVar[bool] = False
 
     def __init__(self, name: str | None = None, optim: dict | None = None):
         """``name`` overrides the class's default name, e.g. to tell two configurations apart in logs."""

@@ -34,6 +34,7 @@ class RelaxedControlVariate(Estimator):
     """
 
     unbiased = True
+    double_backward = True
 
     def control_variate(self, relaxed: Tensor, objective: Objective) -> Tensor:
         """c(z) for Gumbel-perturbed logits ``relaxed`` (..., B, N, K) -> (..., B)."""
