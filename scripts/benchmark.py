@@ -13,7 +13,8 @@ For each estimator, in this one process, on the same MNIST batches (batch 100, t
 Both are timed over ``--steps`` steps after ``--warmup`` steps, ``--repeats`` times alternately; the medians
 are reported (a shared machine's speed drifts by 10-20% between runs). Peak memory is the GPU's max allocated
 memory on CUDA, and the process's peak resident set size on CPU (cumulative: it only grows across rows).
-``--overrides`` change catvae's path (e.g. ``~callbacks.nonfinite_guard`` times it without the non-finite guard).
+``--overrides`` change catvae's path (e.g. ``~callbacks.nonfinite_guard`` times it without the non-finite guard,
+``compile=networks`` with compiled networks; the plain loop stays eager).
 ``--iw`` also times the 1000-sample importance-weighted test bound on the 10,000 test images. The table is
 printed and written to ``--out`` with the machine it ran on.
 """
@@ -42,6 +43,7 @@ from catvae.evaluation import importance_weighted_nll
 from catvae.models.networks import mlp
 from catvae.models import CategoricalVAE
 from catvae.relaxations import categorical_log_prob, kl_to_uniform
+from catvae.run import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, N_VARS, N_CLASSES = 100, 20, 10
@@ -83,7 +85,7 @@ def time_catvae(estimator: str, device: torch.device, warmup: int, steps: int, o
     cfg = compose_run(estimator, device.type, out, warmup + steps, list(extra))
     pl.seed_everything(0)
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model, estimator=instantiate(cfg.estimator), image_shape=list(datamodule.image_shape))
+    model = build_model(cfg, list(datamodule.image_shape))
     timer = StepTimer(warmup, device)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [instantiate(cfg.schedule), timer]
     loggers = [instantiate(c) for c in cfg.logger.values()]

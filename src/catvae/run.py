@@ -119,6 +119,14 @@ def run(cfg: DictConfig) -> dict:
     return results
 
 
+def build_model(cfg: DictConfig, image_shape: list[int]) -> pl.LightningModule:
+    """The configured model holding the configured estimator; its networks compiled when ``compile`` is set."""
+    model = instantiate(cfg.model, estimator=instantiate(cfg.estimator), image_shape=image_shape)
+    if cfg.get("compile"):
+        log.info("compiled: %s", ", ".join(instantiate(cfg.compile)(model)))
+    return model
+
+
 def train_and_test(cfg: DictConfig, output_dir: Path) -> dict:
     """Check, build, fit (or resume), test the chosen checkpoint, write results.json; returns the results."""
     check_run_config(cfg)
@@ -130,10 +138,8 @@ def train_and_test(cfg: DictConfig, output_dir: Path) -> dict:
     resume_from = resolve_resume(cfg.resume) if cfg.get("resume") else None
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # reads the data and checks sizes against it
-    estimator = instantiate(cfg.estimator)
-    model = instantiate(cfg.model, estimator=estimator, image_shape=list(datamodule.image_shape))
-    if cfg.get("compile"):
-        log.info("compiled: %s", ", ".join(instantiate(cfg.compile)(model)))
+    model = build_model(cfg, list(datamodule.image_shape))
+    estimator = model.estimator
     callbacks = instantiate_group(cfg.callbacks) + [instantiate(cfg.schedule), RNGState()]
     loggers = instantiate_loggers(cfg.logger)
     try:
