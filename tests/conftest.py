@@ -13,6 +13,8 @@ from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
+# Every estimator the configs offer (conf/estimator/*.yaml), for tests run over all of them.
+ESTIMATORS = sorted(path.stem for path in (CONF_DIR / "estimator").glob("*.yaml"))
 
 # Tests never touch the network: W&B writes offline files at most.
 os.environ.setdefault("WANDB_MODE", "offline")

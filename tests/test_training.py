@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from catvae.run import run
-from conftest import CONF_DIR, FAST, ROOT
+from conftest import ESTIMATORS, FAST, ROOT
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
@@ -134,7 +134,7 @@ NEEDS = {"arm": ["model.n_classes=2"], "disarm": ["model.n_classes=2"], "exact":
          "slope_annealed_st": ["schedule=slope_linear", "schedule.rate=0.5", "schedule.every=1"]}
 
 
-@pytest.mark.parametrize("estimator", sorted(path.stem for path in (CONF_DIR / "estimator").glob("*.yaml")))
+@pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_every_estimator_trains_the_vae(estimator, fast_config):
     extra = NEEDS.get(estimator, [])
     cfg = fast_config(f"estimator={estimator}", "trainer.max_epochs=2", "callbacks=none", "test_ckpt=null", *extra)
