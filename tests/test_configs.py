@@ -49,6 +49,14 @@ def test_every_experiment_instantiates(experiment, tmp_path, monkeypatch):
     build_all(cfg)
 
 
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiments_optimiser_is_fused(experiment, tmp_path):
+    """Adam (model defaults) and SGD (Jang et al.'s protocols) both get the fused update."""
+    cfg = compose_config([f"experiment={experiment}"], tmp_path)
+    optimiser = instantiate(cfg.model.optimizer)([torch.nn.Parameter(torch.zeros(3))])
+    assert optimiser.defaults["fused"] is True, type(optimiser).__name__
+
+
 def test_jang2017_vae_cat_is_the_full_protocol(tmp_path):
     cfg = compose_config(["experiment=jang2017_vae_cat", "estimator=gumbel_softmax"], tmp_path)
     assert (cfg.trainer.max_epochs, cfg.data.batch_size, cfg.data.binarization) == (100, 100, "fixed")

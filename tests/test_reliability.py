@@ -233,7 +233,9 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [path]
 
 
-def test_the_guard_names_a_non_finite_gradient():
+@pytest.mark.parametrize("bad", [[math.inf], [math.nan], [math.inf, -math.inf]], ids=["inf", "nan", "inf-inf"])
+def test_the_guard_names_a_non_finite_gradient(bad):
+    """Any inf or NaN entry, including +inf and -inf in one tensor (whose sum is NaN, not inf), is caught."""
     from types import SimpleNamespace
 
     from catvae.callbacks import NonFiniteGuard
@@ -241,7 +243,7 @@ def test_the_guard_names_a_non_finite_gradient():
     module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
     module.estimator = SimpleNamespace(name="rloo")
     module(torch.ones(1, 3)).sum().backward()
-    module[1].weight.grad[0, 1] = math.inf
+    module[1].weight.grad[0, : len(bad)] = torch.tensor(bad)
     guard, trainer = NonFiniteGuard("raise"), SimpleNamespace(global_step=7)
     guard.on_fit_start(trainer, module)
     guard.on_before_backward(trainer, module, torch.tensor(1.0))
@@ -252,3 +254,21 @@ def test_the_guard_names_a_non_finite_gradient():
     skipping.on_before_backward(trainer, module, torch.tensor(1.0))
     skipping.on_before_optimizer_step(trainer, module, None)
     assert skipping.skipped == 1 and all(p.grad is None for p in module.parameters())
+
+
+def test_the_guard_treats_a_float32_overflow_of_finite_gradients_as_non_finite():
+    """Finite gradients whose total exceeds float32's range cannot be told from an inf by their sums: the guard
+    says so instead of naming a tensor."""
+    from types import SimpleNamespace
+
+    from catvae.callbacks import NonFiniteGuard
+
+    module = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False))
+    module.estimator = SimpleNamespace(name="reinforce")
+    for layer in module:
+        layer.weight.grad = torch.full((1, 1), 3e38)
+    guard, trainer = NonFiniteGuard("raise"), SimpleNamespace(global_step=3)
+    guard.on_fit_start(trainer, module)
+    guard.on_before_backward(trainer, module, torch.tensor(1.0))
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient sum \(finite terms whose total overflows"):
+        guard.on_before_optimizer_step(trainer, module, None)

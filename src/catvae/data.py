@@ -130,13 +130,13 @@ class TensorBatchLoader:
         self.resume_at = None
         self.yielded = skip
         for position, index in enumerate(self.sampler):
-            x = self.images[index]  # (B, C, H, W)
+            x = self.images.index_select(0, index)  # (B, C, H, W); half the time of images[index] on the CPU
             if self.dynamic:
                 x = binarize_fixed(x, generator)  # drawn even when skipped: later draws stay the same
             if position < skip:
                 continue
             self.yielded += 1
-            yield x, self.labels[index]
+            yield x, self.labels.index_select(0, index)
 
 
 class ArrayDataModule(pl.LightningDataModule):

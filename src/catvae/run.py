@@ -38,6 +38,14 @@ def configure_wandb_environment() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
 
 
+def use_cached_cuda_check() -> None:
+    """Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 when imported, so that looking for a GPU does not initialise
+    CUDA before a fork. Under it every torch.cuda.is_available(), which Adam and SGD call at each step, loads NVML
+    again: 0.1 ms per step on a CPU-only machine. A run forks no process after that point (sweep jobs start in
+    fresh processes), so the check goes back to torch's cached CUDA device count."""
+    os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+
+
 def check_run_config(cfg: DictConfig) -> None:
     """Checks of top-level keys; each group's own values are checked by the class it instantiates."""
     check_integer("seed", cfg.seed, minimum=0)
@@ -106,6 +114,7 @@ def run(cfg: DictConfig) -> dict:
     finished or failed with the error) before anything else can fail.
     """
     configure_wandb_environment()
+    use_cached_cuda_check()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     overrides = job_overrides()
