@@ -99,20 +99,27 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
         resolve_resume(str(tmp_path / "nowhere"))
 
 
-def poisoned(path, policy):
+def poisoned(path, policy, check_every_n_steps=1):
     return compose_config(FAST + ["model._target_=test_reliability.PoisonedVAE", "+model.poison_step=5",
-                                  f"callbacks.nonfinite_guard.policy={policy}"], path)
+                                  f"callbacks.nonfinite_guard.policy={policy}",
+                                  f"callbacks.nonfinite_guard.check_every_n_steps={check_every_n_steps}"], path)
 
 
-def test_nonfinite_loss_raises_naming_the_step(tmp_path):
+# 1: the host reads the verdict at every step; 4: sync-free steps, read at steps 4, 8, ... (the bad step is 5)
+CHECKS = pytest.mark.parametrize("check_every_n_steps", [1, 4])
+
+
+@CHECKS
+def test_nonfinite_loss_raises_naming_the_step(tmp_path, check_every_n_steps):
     with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at step 5 with estimator st_gumbel_softmax"):
-        run(poisoned(tmp_path / "run", "raise"))
+        run(poisoned(tmp_path / "run", "raise", check_every_n_steps))
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "failed" and "at step 5" in status["error"]
 
 
-def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
-    results = run(poisoned(tmp_path / "run", "skip"))
+@CHECKS
+def test_nonfinite_loss_is_skipped_and_counted(tmp_path, check_every_n_steps):
+    results = run(poisoned(tmp_path / "run", "skip", check_every_n_steps))
     assert results["global_step"] == 16 and all(map(math.isfinite, results["metrics"].values()))
     skipped = column(read_metrics(tmp_path / "run"), "train/skipped_steps")
     assert skipped[0] == 0 and skipped[-1] == 1

@@ -181,24 +181,39 @@ class CodeUsage(pl.Callback):
 
 
 class NonFiniteGuard(pl.Callback):
-    """Catches a training step whose loss or gradients are not finite (NaN or inf), before the optimiser
-    applies it. ``policy="raise"`` stops the run with a FloatingPointError that names the step, the estimator
-    and the offending tensor; ``policy="skip"`` drops the step's gradients (Adam then leaves parameters and
-    moments untouched), counts it, and logs the count as ``train/skipped_steps``. Gradients are checked through
-    their sums (sum_i g_i is finite iff every g_i is, unless it overflows float32, which counts as non-finite; a
-    sum is cheaper than a norm: 0.15 against 0.23 ms for the 20x10 VAE's 1.2M gradients); one host sync per step.
+    """Catches a training step whose loss or gradients are not finite (NaN or inf) before the optimiser applies it.
+
+    ``policy="raise"`` stops the run with a FloatingPointError that names the step, the estimator and the offending
+    tensor; ``policy="skip"`` leaves parameters and optimiser state untouched for that step, counts it and logs the
+    count as ``train/skipped_steps``. The check is one sum per gradient (sum_i g_i is finite iff every g_i is,
+    unless it overflows float32, which counts as non-finite; cheaper than a norm: 0.15 against 0.23 ms for the
+    20x10 VAE's 1.2M gradients).
+
+    ``check_every_n_steps`` says how often the host reads the verdict. At 1 (the default) it reads it at every step:
+    one device-to-host sync per step, nothing applied after a bad step. Above 1 the steps are sync-free: the
+    verdict stays on the device and goes to the optimiser as ``found_inf`` (the flag through which a GradScaler
+    makes torch's fused Adam and AdamW skip a step on the device), and the host reads the count every n steps,
+    at each checkpoint and at the end of training; "raise" then stops at that read, naming the first bad step (whose
+    update was not applied; the steps after it were trained normally).
     """
 
     POLICIES = ("raise", "skip")
+    # deferred mode's device counters and their values after a read: bad steps since the last read, steps since
+    # it, steps from it to the first bad one (-1: none yet)
+    COUNTERS = (("count", 0), ("since", 0), ("first", -1))
 
-    def __init__(self, policy: str = "raise"):
+    def __init__(self, policy: str = "raise", check_every_n_steps: int = 1):
         check_choice("callbacks.nonfinite_guard.policy", policy, self.POLICIES)
-        self.policy = policy
+        check_integer("callbacks.nonfinite_guard.check_every_n_steps", check_every_n_steps)
+        self.policy, self.check_every_n_steps = policy, check_every_n_steps
         self.skipped = 0
         self.loss: torch.Tensor | None = None
         self.parameters: list[tuple[str, torch.nn.Parameter]] = []
+        self.pending: dict[str, torch.Tensor] = {}  # deferred mode: bad steps not read yet, and the first of them
+        self.read_at = 0  # deferred mode: the global step at the last read
 
     def state_dict(self) -> dict[str, int]:
+        self.read_pending()
         return {"skipped": self.skipped}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
@@ -209,26 +224,87 @@ class NonFiniteGuard(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.parameters = list(pl_module.named_parameters())
+        self.estimator_name = pl_module.estimator.name
+        if self.check_every_n_steps == 1:
+            return
+        for optimizer in trainer.optimizers:
+            # torch's fused SGD can skip a step too, but with momentum a skipped first step leaves its momentum
+            # buffer uninitialised (garbage up to 3e38 measured with torch 2.14, tests/test_deferred_guard.py)
+            if not (isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and optimizer.defaults.get("fused")):
+                raise ValueError(
+                    f"callbacks.nonfinite_guard.check_every_n_steps={self.check_every_n_steps} needs an optimiser that "
+                    f"skips a step on the device (torch's fused Adam or AdamW: model.optimizer.fused=true), got "
+                    f"{type(optimizer).__name__} with fused={optimizer.defaults.get('fused')}; or set check_every_n_steps=1")
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError(f"callbacks.nonfinite_guard.check_every_n_steps={self.check_every_n_steps} cannot be "
+                             f"combined with trainer.precision={trainer.precision}, whose GradScaler sets the "
+                             f"optimiser's found_inf itself; use check_every_n_steps=1")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Deferred mode: the device-side counters (after a resume, once the global step is restored)."""
+        if self.check_every_n_steps == 1:
+            return
+        self.read_at = trainer.global_step
+        self.pending = {name: torch.full((), start, dtype=torch.long, device=pl_module.device)
+                        for name, start in self.COUNTERS}
+        self.pending["first_terms"] = torch.zeros(len(self.parameters) + 1, device=pl_module.device)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         named = [(name, p) for name, p in self.parameters if p.grad is not None]
-        sums = torch.stack([p.grad.sum(dtype=torch.float32) for _, p in named]) if named else self.loss.new_zeros(1)
-        # the step's one host sync; a non-finite term makes the total NaN or inf (opposite infinities give NaN)
-        if bool(torch.isfinite(self.loss.float().sum() + sums.sum())):
+        terms = torch.stack([self.loss.float().sum(), *(p.grad.sum(dtype=torch.float32) for _, p in named)])
+        bad = ~torch.isfinite(terms.sum())  # a non-finite term makes the total NaN or inf (opposite infinities: NaN)
+        if self.pending:
+            self.defer(bad, terms, named, optimizer)
+        elif bool(bad):  # the step's one host sync
+            self.act(1, trainer.global_step, self.describe(terms, named))
+            for _, p in named:
+                p.grad = None
+
+    def defer(self, bad: torch.Tensor, terms: torch.Tensor, named: list, optimizer) -> None:
+        """Device-side bookkeeping of one step's verdict; the optimiser skips the step when ``bad``."""
+        pending = self.pending
+        if len(named) < len(self.parameters):  # a parameter without a gradient this step: its term is 0
+            present = {name: term for (name, _), term in zip(named, terms[1:])}
+            terms = torch.stack([terms[0], *(present.get(name, terms.new_zeros(())) for name, _ in self.parameters)])
+        first = bad & (pending["first"] < 0)
+        pending["first"] = torch.where(first, pending["since"], pending["first"])
+        pending["first_terms"] = torch.where(first, terms, pending["first_terms"])
+        pending["count"] += bad
+        pending["since"] += 1
+        optimizer.found_inf = bad.float()
+
+    def read_pending(self) -> None:
+        """Deferred mode: the host reads the bad steps counted since the last read (one sync) and acts on them."""
+        if not self.pending:
             return
-        if not bool(torch.isfinite(self.loss).all()):
-            bad = f"loss ({self.loss.item()})"
-        else:  # inf/NaN in a gradient shows in its sum
-            bad = next((f"gradient of {name}" for (name, _), total in zip(named, sums) if not bool(torch.isfinite(total))),
-                       "gradient sum (finite terms whose total overflows float32)")
-        where = f"non-finite {bad} at step {trainer.global_step} with estimator {pl_module.estimator.name}"
+        count, since, first = torch.stack([self.pending[name] for name, _ in self.COUNTERS]).tolist()
+        first_step, self.read_at = self.read_at + first, self.read_at + since
+        for name, start in self.COUNTERS:
+            self.pending[name].fill_(start)
+        if count:
+            self.act(count, first_step, self.describe(self.pending["first_terms"], self.parameters))
+
+    def describe(self, terms: torch.Tensor, named: list) -> str:
+        """Which term is non-finite: the loss (with its value), a gradient, or a float32 overflow of their sum."""
+        if not bool(torch.isfinite(terms[0])):
+            return f"loss ({terms[0].item()})"
+        return next((f"gradient of {name}" for (name, _), term in zip(named, terms[1:]) if not bool(torch.isfinite(term))),
+                    "gradient sum (finite terms whose total overflows float32)")
+
+    def act(self, count: int, step: int, what: str) -> None:
+        where = f"non-finite {what} at step {step} with estimator {self.estimator_name}"
         if self.policy == "raise":
             raise FloatingPointError(f"{where}; set callbacks.nonfinite_guard.policy=skip to skip such steps")
-        for _, p in named:
-            p.grad = None
-        self.skipped += 1
-        log.warning("skipped the update: %s (%d skipped so far)", where, self.skipped)
+        self.skipped += count
+        log.warning("skipped %d update(s), the first: %s (%d skipped so far)", count, where, self.skipped)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.read_pending()
+        for optimizer in trainer.optimizers:
+            optimizer.__dict__.pop("found_inf", None)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step % self.check_every_n_steps == 0:
+            self.read_pending()
         if written_this_step(trainer):
             pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
