@@ -35,14 +35,18 @@ class TemperatureSchedule(pl.Callback):
         """Temperature at global step ``step``; None keeps the estimator's own value."""
         raise NotImplementedError
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.estimators = [m for m in pl_module.modules() if isinstance(m, Estimator) and hasattr(m, "tau")]
+        self.applied: float | None = None  # the value last set, so that an unchanged one is not set again
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         if not hasattr(pl_module.estimator, "tau"):
             return
         tau = self.value(trainer.global_step)
-        if tau is not None:
-            for estimator in pl_module.modules():
-                if isinstance(estimator, Estimator) and hasattr(estimator, "tau"):
-                    estimator.tau = tau
+        if tau is not None and tau != self.applied:
+            for estimator in self.estimators:
+                estimator.tau = tau
+            self.applied = tau
         if written_this_step(trainer):
             pl_module.log("tau", float(pl_module.estimator.tau), on_step=True, on_epoch=False)
 
