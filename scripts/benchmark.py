@@ -17,8 +17,10 @@ are reported (a shared machine's speed drifts by 10-20% between runs). Peak memo
 memory on CUDA, and the process's peak resident set size on CPU (cumulative: it only grows across rows).
 ``--overrides`` change catvae's path (e.g. ``~callbacks.nonfinite_guard`` times it without the non-finite guard,
 ``compile=networks`` with compiled networks; the plain loop stays eager).
-``--iw`` also times the 1000-sample importance-weighted test bound on the 10,000 test images. The table is
-printed and written to ``--out`` with the machine it ran on.
+``--iw`` also times the 1000-sample importance-weighted test bound on the 10,000 test images. ``--phases`` adds
+one more run of each path that splits a step's wall time into phases (forward, backward, the hooks after backward,
+the optimiser, the time between steps; medians in ms), to show where catvae's extra time goes. The tables are
+printed and written to ``--out`` with the machine they ran on.
 """
 
 from __future__ import annotations
@@ -72,6 +74,59 @@ class StepTimer(pl.Callback):
         self.elapsed = time.perf_counter() - self.started
 
 
+PHASES = ("forward", "backward", "after backward", "optimizer", "between steps")
+
+
+def synced_time(device: torch.device) -> float:
+    """perf_counter once the device has finished the work queued so far."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+class PhaseTimer(pl.Callback):
+    """Time stamps of each training step after warm-up at the hooks that bound the phases (``--phases``): batch
+    start, before backward, after backward, before the optimiser step, batch end. Appended after the other
+    callbacks, so that their hooks fall inside the phases (the non-finite guard in "after backward")."""
+
+    def __init__(self, warmup: int, device: torch.device):
+        self.warmup, self.device, self.steps = warmup, device, []
+
+    def stamp(self) -> None:
+        self.steps[-1].append(synced_time(self.device))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step >= self.warmup:
+            self.steps.append([])
+        if self.steps:
+            self.stamp()
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if self.steps:
+            self.stamp()
+
+    def on_after_backward(self, trainer, pl_module):
+        if self.steps:
+            self.stamp()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.steps:
+            self.stamp()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.steps:
+            self.stamp()
+
+
+def phase_medians(steps: list[list[float]]) -> dict[str, float]:
+    """Median ms of each phase from per-step stamps [start, before backward, after backward, before the optimiser
+    step, end]; "between steps" runs from one step's end to the next one's start."""
+    steps = [s for s in steps if len(s) == 5]
+    phases = {name: [1000 * (s[i + 1] - s[i]) for s in steps] for i, name in enumerate(PHASES[:-1])}
+    phases["between steps"] = [1000 * (b[0] - a[-1]) for a, b in zip(steps, steps[1:])]
+    return {name: statistics.median(values) if values else math.nan for name, values in phases.items()}  # 1 step: no gap
+
+
 def compose_run(estimator: str, device: str, out: Path, steps: int, extra: list[str]):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
@@ -84,7 +139,7 @@ def compose_run(estimator: str, device: str, out: Path, steps: int, extra: list[
 
 
 def time_catvae(estimator: str, device: torch.device, warmup: int, steps: int, out: Path,
-                extra: list[str] = ()) -> tuple[float, object]:
+                extra: list[str] = (), phases: PhaseTimer | None = None) -> tuple[float, object]:
     cfg = compose_run(estimator, device.type, out, warmup + steps, list(extra))
     use_cached_cuda_check()  # as train.py's run() does
     pl.seed_everything(0)
@@ -92,6 +147,7 @@ def time_catvae(estimator: str, device: torch.device, warmup: int, steps: int, o
     model = build_model(cfg, list(datamodule.image_shape))
     timer = StepTimer(warmup, device)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [instantiate(cfg.schedule), timer]
+    callbacks += [phases] if phases else []
     loggers = [instantiate(c) for c in cfg.logger.values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     trainer.fit(model, datamodule=datamodule)
@@ -99,8 +155,10 @@ def time_catvae(estimator: str, device: torch.device, warmup: int, steps: int, o
 
 
 def time_plain(estimator_name: str, datamodule, device: torch.device, warmup: int, steps: int,
-               optimizer_factory=functools.partial(torch.optim.Adam, lr=1e-3)) -> float:
-    """The minimal loop: same sizes, same estimator object, the given optimiser, batches in device memory."""
+               optimizer_factory=functools.partial(torch.optim.Adam, lr=1e-3),
+               phases: list[list[float]] | None = None) -> float:
+    """The minimal loop: same sizes, same estimator object, the given optimiser, batches in device memory.
+    With ``phases``, each timed step's stamps are appended to it (as PhaseTimer's; "after backward" is empty)."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         estimator = instantiate(compose(config_name="config", overrides=[f"estimator={estimator_name}"]).estimator)
     torch.manual_seed(0)
@@ -116,7 +174,13 @@ def time_plain(estimator_name: str, datamodule, device: torch.device, warmup: in
     images = datamodule.splits["train"][0].flatten(1).to(device)
     batches = images[: (len(images) // BATCH) * BATCH].view(-1, BATCH, 784)
 
-    def step(x):
+    def step(x, stamps: list[float] | None = None):
+        def mark(times: int = 1):
+            if stamps is not None:
+                stamps.extend([synced_time(device)] * times)
+
+        mark()
+        optimizer.zero_grad(set_to_none=True)
         features = encoder_body(x)
         logits = to_logits(features).view(-1, N_VARS, N_CLASSES)
 
@@ -130,9 +194,11 @@ def time_plain(estimator_name: str, datamodule, device: torch.device, warmup: in
             f = lambda z: objective(z) + N_VARS * math.log(N_CLASSES) + categorical_log_prob(logits, z)  # noqa: E731
             kl = torch.zeros(len(x), device=x.device)
         loss = CategoricalVAE.surrogate_loss(estimator(logits, f, context=features), kl)
-        optimizer.zero_grad(set_to_none=True)
+        mark()
         loss.backward()
+        mark(2)  # after backward = before the optimiser step: no hooks in between
         optimizer.step()
+        mark()
 
     for i in range(warmup):
         step(batches[i % len(batches)])
@@ -140,7 +206,9 @@ def time_plain(estimator_name: str, datamodule, device: torch.device, warmup: in
         torch.cuda.synchronize()
     started = time.perf_counter()
     for i in range(warmup, warmup + steps):
-        step(batches[i % len(batches)])
+        if phases is not None:
+            phases.append([])
+        step(batches[i % len(batches)], phases[-1] if phases is not None else None)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return steps / (time.perf_counter() - started)
@@ -187,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating repeats; the medians are reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--iw", action="store_true", help="also time the 1000-sample test bound")
+    parser.add_argument("--phases", action="store_true", help="also split a step's time into phases (one more run)")
     parser.add_argument("--overrides", nargs="*", default=[],
                         help="extra Hydra overrides for catvae's path, e.g. '~callbacks.nonfinite_guard'")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
@@ -197,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"{args.repeats}")
     os.environ.setdefault("WANDB_MODE", "disabled")
     device = torch.device(args.device)
-    rows, datamodule = [], None
+    rows, phase_rows, datamodule = [], [], None
     for name in args.estimators:
         rates = {"catvae": [], "same": [], "default": []}
         for _ in range(args.repeats):  # alternated, so that a slow spell of the machine hits every path
@@ -213,6 +282,12 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((name, medians, ratios, catvae_memory, peak_memory_mb(device)))
         print(f"{name}: " + ", ".join(f"{path} {[round(r, 1) for r in values]} steps/s"
                                       for path, values in rates.items()), flush=True)
+        if args.phases:
+            timer, plain_steps = PhaseTimer(args.warmup, device), []
+            time_catvae(name, device, args.warmup, args.steps, args.workdir, args.overrides, timer)
+            time_plain(name, datamodule, device, args.warmup, args.steps, optimizer_factory, plain_steps)
+            phase_rows += [(name, "catvae", phase_medians(timer.steps)),
+                           (name, "plain, same optimiser", phase_medians(plain_steps))]
     lines = [f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {machine(device)} with "
              f"`python scripts/benchmark.py {' '.join(sys.argv[1:] if argv is None else argv)}`: batch {BATCH}, "
              f"20x10 VAE, {args.steps} timed steps after {args.warmup} warm-up steps, {args.repeats} alternating "
@@ -224,6 +299,11 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {name} | {medians['catvae']:.1f} | {medians['same']:.1f} | {ratios['same']:.2f} | "
                      f"{medians['default']:.1f} | {ratios['default']:.2f} | {1000 / medians['catvae']:.1f} | "
                      f"{catvae_memory:.0f}, {plain_memory:.0f} |")
+    if phase_rows:
+        lines += ["", "Phases of a step (ms, medians over the timed steps of one more run of each path):", "",
+                  f"| estimator | path | {' | '.join(PHASES)} | sum |", "|---|---|" + "---|" * (len(PHASES) + 1)]
+        lines += [f"| {name} | {path} | " + " | ".join(f"{phases[p]:.2f}" for p in PHASES)
+                  + f" | {sum(phases.values()):.2f} |" for name, path, phases in phase_rows]
     if args.iw:
         lines += ["", f"1000-sample importance-weighted bound on the 10,000 test images: "
                       f"{time_iw(datamodule, device):.1f} s."]
