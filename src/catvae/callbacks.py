@@ -194,7 +194,7 @@ class NonFiniteGuard(pl.Callback):
     20x10 VAE's 1.2M gradients).
 
     ``check_every_n_steps`` says how often the host reads the verdict. At 1 (the default) it reads it at every step:
-    one device-to-host sync per step, nothing applied after a bad step. Above 1 the steps are sync-free: the
+    one device-to-host sync per step, and a bad step never reaches the optimiser. Above 1 the steps are sync-free: the
     verdict stays on the device and goes to the optimiser as ``found_inf`` (the flag through which a GradScaler
     makes torch's fused Adam and AdamW skip a step on the device), and the host reads the count every n steps,
     at each checkpoint and at the end of training; "raise" then stops at that read, naming the first bad step (whose

@@ -40,8 +40,8 @@ def configure_wandb_environment() -> None:
 
 def use_cached_cuda_check() -> None:
     """Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 when imported, so that looking for a GPU does not initialise
-    CUDA before a fork. Under it every torch.cuda.is_available(), which Adam and SGD call at each step, loads NVML
-    again: 0.1 ms per step on a CPU-only machine. A run forks no process after that point (sweep jobs start in
+    CUDA before a fork. Under it every torch.cuda.is_available(), which Adam and AdamW (not SGD) call at each step,
+    loads NVML again: 0.1 ms per step on a CPU-only machine. A run forks no process after that point (sweep jobs start in
     fresh processes), so the check goes back to torch's cached CUDA device count."""
     os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
 
