@@ -232,17 +232,26 @@ class NonFiniteGuard(pl.Callback):
         if self.check_every_n_steps == 1:
             return
         for optimizer in trainer.optimizers:
-            # torch's fused SGD can skip a step too, but with momentum a skipped first step leaves its momentum
-            # buffer uninitialised (garbage up to 3e38 measured with torch 2.14, tests/test_deferred_guard.py)
-            if not (isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and optimizer.defaults.get("fused")):
-                raise ValueError(
-                    f"callbacks.nonfinite_guard.check_every_n_steps={self.check_every_n_steps} needs an optimiser that "
-                    f"skips a step on the device (torch's fused Adam or AdamW: model.optimizer.fused=true), got "
-                    f"{type(optimizer).__name__} with fused={optimizer.defaults.get('fused')}; or set check_every_n_steps=1")
+            self.check_optimizer(optimizer)
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             raise ValueError(f"callbacks.nonfinite_guard.check_every_n_steps={self.check_every_n_steps} cannot be "
                              f"combined with trainer.precision={trainer.precision}, whose GradScaler sets the "
                              f"optimiser's found_inf itself; use check_every_n_steps=1")
+
+    def check_model(self, model: pl.LightningModule) -> None:
+        """Refuses, before the trainer starts (run() calls this), a model whose optimiser deferred mode cannot use."""
+        self.check_optimizer(model.configure_optimizers())
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.check_every_n_steps == 1:
+            return
+        # torch's fused SGD can skip a step too, but with momentum a skipped first step leaves its momentum
+        # buffer uninitialised (garbage up to 3e38 measured with torch 2.14, tests/test_deferred_guard.py)
+        if not (isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and optimizer.defaults.get("fused")):
+            raise ValueError(
+                f"callbacks.nonfinite_guard.check_every_n_steps={self.check_every_n_steps} needs an optimiser that "
+                f"skips a step on the device (torch's fused Adam or AdamW: model.optimizer.fused=true), got "
+                f"{type(optimizer).__name__} with fused={optimizer.defaults.get('fused')}; or set check_every_n_steps=1")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Deferred mode: the device-side counters (after a resume, once the global step is restored)."""

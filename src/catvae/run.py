@@ -150,6 +150,9 @@ def train_and_test(cfg: DictConfig, output_dir: Path) -> dict:
     model = build_model(cfg, list(datamodule.image_shape))
     estimator = model.estimator
     callbacks = instantiate_group(cfg.callbacks) + [instantiate(cfg.schedule), RNGState()]
+    for callback in callbacks:  # callbacks that constrain the model (the deferred non-finite guard) refuse it now
+        if hasattr(callback, "check_model"):
+            callback.check_model(model)
     loggers = instantiate_loggers(cfg.logger)
     try:
         for logger in loggers:
