@@ -19,3 +19,13 @@ def test_benchmark_writes_its_table(tmp_path):
     table = out.read_text()
     assert "| gumbel_softmax |" in table and "| reinforce |" in table and "3 timed steps after 2 warm-up" in table
     assert "| reinforce | catvae |" in table and "| reinforce | plain, same optimiser |" in table  # --phases
+
+
+def test_micro_benchmarks_write_their_table(tmp_path):
+    out = tmp_path / "performance.md"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "micro_benchmarks.py"), "--calls", "2", "--repeats",
+                           "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = out.read_text()
+    assert table.count("\n| ") == 11  # header and ten rows
+    assert "| Adam step | fused=True |" in table and "PYTORCH_NVML_BASED_CUDA_CHECK=1" in table

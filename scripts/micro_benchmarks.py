@@ -1,0 +1,129 @@
+"""Timings of the single operations that performance.md's choices rest on, on the 20x10 VAE of jang2017_vae_cat.
+
+    python scripts/micro_benchmarks.py [--calls 300] [--repeats 5] [--out docs/performance.md]
+
+Each row is the median over ``--repeats`` of the mean time of ``--calls`` back-to-back calls (after as many warm-up
+calls), in this process with torch's default threads; the gradients are those of one training step and stay in
+cache between calls, so the optimiser and guard rows are lower bounds of their cost inside a training step:
+
+- one Adam step (lr 1e-3) over the model's parameters: torch's default on the CPU (for-loop) and ``fused=True``;
+- one SGD step with momentum 0.9 (Table 1's optimiser): default and ``fused=True``;
+- the non-finite guard's reduction: one sum per gradient, and torch._foreach_norm (the norms it used before);
+- ``torch.cuda.is_available()`` with and without ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` (set by importing Lightning);
+- cutting a batch of 100 training images: ``images[index]`` and ``images.index_select(0, index)``.
+
+The table is printed and appended to ``--out`` with the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+ROOT = Path(__file__).resolve().parents[1]
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+
+
+def per_call_us(function: Callable[[], object], calls: int, repeats: int) -> float:
+    """Median over ``repeats`` of the mean microseconds per call of ``calls`` calls, after ``calls`` warm-up calls."""
+    for _ in range(calls):
+        function()
+    means = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(calls):
+            function()
+        means.append((time.perf_counter() - started) / calls * 1e6)
+    return statistics.median(means)
+
+
+def vae_with_gradients() -> torch.nn.Module:
+    """jang2017_vae_cat's model (gumbel_softmax) after the backward of one training step on a random batch."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["experiment=jang2017_vae_cat", "estimator=gumbel_softmax"])
+    torch.manual_seed(0)
+    model = instantiate(cfg.model, estimator=instantiate(cfg.estimator), image_shape=[1, 28, 28])
+    estimate, kl, _ = model.nelbo_estimate(torch.rand(100, 784).bernoulli())
+    model.surrogate_loss(estimate, kl).backward()
+    return model
+
+
+def with_nvml_check(enabled: bool) -> Callable[[], bool]:
+    """torch.cuda.is_available() with the variable set or unset for the call (the process's value restored)."""
+    def timed() -> bool:
+        saved = os.environ.pop(NVML_CHECK, None)
+        if enabled:
+            os.environ[NVML_CHECK] = "1"
+        try:
+            return torch.cuda.is_available()
+        finally:
+            os.environ.pop(NVML_CHECK, None)
+            if saved is not None:
+                os.environ[NVML_CHECK] = saved
+    return timed
+
+
+def rows(calls: int, repeats: int) -> list[tuple[str, str, float]]:
+    model = vae_with_gradients()
+    parameters = list(model.parameters())
+    gradients = [p.grad for p in parameters]
+    images, order = torch.rand(50_000, 1, 28, 28), torch.randperm(50_000)
+    positions = iter(range(10**9))
+
+    def index() -> torch.Tensor:
+        i = next(positions) % 500
+        return order[i * 100:(i + 1) * 100]
+
+    def step(optimizer_class, **options) -> Callable[[], None]:
+        return optimizer_class(parameters, **options).step
+
+    timed = [
+        ("Adam step", "torch default (for-loop on the CPU)", step(torch.optim.Adam, lr=1e-3)),
+        ("Adam step", "fused=True", step(torch.optim.Adam, lr=1e-3, fused=True)),
+        ("SGD step, momentum 0.9", "torch default", step(torch.optim.SGD, lr=1e-3, momentum=0.9)),
+        ("SGD step, momentum 0.9", "fused=True", step(torch.optim.SGD, lr=1e-3, momentum=0.9, fused=True)),
+        ("guard reduction", "one sum per gradient (now)",
+         lambda: torch.stack([g.sum(dtype=torch.float32) for g in gradients]).sum()),
+        ("guard reduction", "torch._foreach_norm (before)", lambda: torch.stack(torch._foreach_norm(gradients)).sum()),
+        ("torch.cuda.is_available()", f"{NVML_CHECK}=1 (Lightning's)", with_nvml_check(True)),
+        ("torch.cuda.is_available()", "unset (a catvae run)", with_nvml_check(False)),
+        ("a batch of 100 images", "images[index] (before)", lambda: images[index()]),
+        ("a batch of 100 images", "images.index_select(0, index) (now)", lambda: images.index_select(0, index())),
+    ]
+    with torch.no_grad():
+        return [(what, how, per_call_us(function, calls, repeats)) for what, how, function in timed]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
+    args = parser.parse_args(argv)
+    if min(args.calls, args.repeats) < 1:
+        raise SystemExit(f"--calls and --repeats must be >= 1, got {args.calls}, {args.repeats}")
+    lines = [f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on CPU, {torch.get_num_threads()} torch "
+             f"threads, torch {torch.__version__} with `python scripts/micro_benchmarks.py "
+             f"{' '.join(sys.argv[1:] if argv is None else argv)}` (medians of {args.repeats} means of "
+             f"{args.calls} calls):", "", "| operation | variant | us per call |", "|---|---|---|"]
+    lines += [f"| {what} | {how} | {us:.1f} |" for what, how, us in rows(args.calls, args.repeats)]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("a") as handle:
+        handle.write("\n" + table)
+    print(f"appended to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
