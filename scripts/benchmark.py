@@ -248,6 +248,16 @@ def machine(device: torch.device) -> str:
     return f"{cpu}, {torch.get_num_threads()} torch threads ({os.cpu_count()} cores visible), torch {torch.__version__}"
 
 
+def publish(lines: list[str], out: Path) -> None:
+    """Print a table and append it to ``out`` (docs/performance.md by default)."""
+    table = "\n".join(lines) + "\n"
+    print(table)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as handle:
+        handle.write("\n" + table)
+    print(f"appended to {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--estimators", nargs="+", default=["gumbel_softmax", "st_gumbel_softmax", "reinforce", "rloo"])
@@ -308,12 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.iw:
         lines += ["", f"1000-sample importance-weighted bound on the 10,000 test images: "
                       f"{time_iw(datamodule, device):.1f} s."]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as handle:
-        handle.write("\n" + table)
-    print(f"appended to {args.out}")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

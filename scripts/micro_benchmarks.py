@@ -30,6 +30,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from benchmark import machine, publish  # scripts/benchmark.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 
@@ -112,17 +114,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if min(args.calls, args.repeats) < 1:
         raise SystemExit(f"--calls and --repeats must be >= 1, got {args.calls}, {args.repeats}")
-    lines = [f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on CPU, {torch.get_num_threads()} torch "
-             f"threads, torch {torch.__version__} with `python scripts/micro_benchmarks.py "
+    lines = [f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {machine(torch.device('cpu'))} with "
+             f"`python scripts/micro_benchmarks.py "
              f"{' '.join(sys.argv[1:] if argv is None else argv)}` (medians of {args.repeats} means of "
              f"{args.calls} calls):", "", "| operation | variant | us per call |", "|---|---|---|"]
     lines += [f"| {what} | {how} | {us:.1f} |" for what, how, us in rows(args.calls, args.repeats)]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as handle:
-        handle.write("\n" + table)
-    print(f"appended to {args.out}")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":
