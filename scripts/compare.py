@@ -34,6 +34,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from catvae.sweep import run_state  # noqa: E402
+
 SUMMARY_METRICS = ("test/nll_iw", "test/nelbo", "best val/nelbo", "grad var", "steps", "wall time (min)")
 
 
@@ -43,7 +45,9 @@ class Run:
     estimator: str
     tau: float | None
     seed: int
-    status: str  # finished | failed (status.json says why) | unfinished (killed or still running)
+    # finished | failed (status.json says why) | interrupted (killed: status.json says running, its process is gone)
+    # | running (its process is alive, or on another host) | unfinished (no results and no status to tell why)
+    status: str
     metrics: dict[str, float] = field(default_factory=dict)
     rows: list[dict[str, str]] = field(default_factory=list)
     error: str | None = None
@@ -75,8 +79,10 @@ def load_run(directory: Path) -> Run:
     # the final temperature of a finished run, the configured one of an unfinished run
     tau = results.get("tau") if results else OmegaConf.select(config, "estimator.tau")
     status_file = directory / "status.json"
-    recorded = json.loads(status_file.read_text()) if status_file.is_file() else {}
-    status = "finished" if results else ("failed" if recorded.get("status") == "failed" else "unfinished")
+    recorded = json.loads(status_file.read_text()) if status_file.is_file() else None
+    state = run_state(recorded)
+    status = "finished" if results else (state if state in ("failed", "interrupted", "running") else "unfinished")
+    recorded = recorded or {}
     run = Run(directory, estimator, tau, int(config.seed), status, dict(results.get("metrics", {})), rows,
               " ".join(recorded["error"].split()) if recorded.get("error") else None)
     if results:

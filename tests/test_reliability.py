@@ -28,6 +28,8 @@ class Preempted(RuntimeError):
 class CrashAt(pl.Callback):
     """Simulates a preemption: the process dies before training step ``step`` (after its checkpoint)."""
 
+    affects_training = False
+
     def __init__(self, step: int):
         self.step = step
 
@@ -161,8 +163,11 @@ def test_a_finished_run_directory_holds_everything(tmp_path):
 
 
 class SignalAt(pl.Callback):
-    """Simulates a SLURM preemption notice: SIGUSR1 to this process at the end of training step ``step`` (Lightning's
-    handler saves hpc_ckpt_<n>.ckpt and calls `scontrol requeue`), then the job is killed."""
+    """Simulates a SLURM preemption notice: SIGUSR1 to this process at the end of training step ``step``, after the
+    other callbacks have acted (Lightning's handler, deferred to the end of the next step, saves hpc_ckpt_<n>.ckpt and
+    calls `scontrol requeue`), then the job is killed at the end of that next step."""
+
+    affects_training = False
 
     def __init__(self, step: int):
         self.step = step
@@ -170,13 +175,15 @@ class SignalAt(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGUSR1)
+        if trainer.global_step == self.step + 1:
             raise Preempted(f"killed after the requeue signal at step {self.step}")
 
 
 def test_slurm_preemption_requeue_and_resume_through_submitit(tmp_path):
     """Through hydra-submitit-launcher's local executor, in a fake SLURM environment (SLURM_* variables and an
-    `scontrol` that records its call): the requeue signal at step 12 saves an HPC checkpoint and requeues the job;
-    the requeued job (same command, same job directory) resumes from it and ends where an uninterrupted run ends."""
+    `scontrol` that records its call): the requeue signal at step 12 saves an HPC checkpoint at the end of step 13 and
+    requeues the job; the requeued job (same command, same job directory) resumes from it and ends where an
+    uninterrupted run ends."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
@@ -197,8 +204,8 @@ def test_slurm_preemption_requeue_and_resume_through_submitit(tmp_path):
     resumed = json.loads((job_dir / "results.json").read_text())
     uninterrupted = run(compose_config(FAST + RESUMABLE + ["estimator=reinforce"], tmp_path / "uninterrupted"))
     assert resumed["global_step"] == 24 and resumed["metrics"] == uninterrupted["metrics"]
-    # it resumed (a fresh start would end in the same place): the requeued job trained steps 12..23 only
-    assert min(int(row["step"]) for row in read_metrics(job_dir) if row.get("train/loss")) == 12
+    # it resumed (a fresh start would end in the same place): the requeued job trained steps 13..23 only
+    assert min(int(row["step"]) for row in read_metrics(job_dir) if row.get("train/loss")) == 13
     for key, value in final_state(tmp_path / "uninterrupted")[0].items():
         assert torch.equal(value, final_state(job_dir)[0][key]), key
 

@@ -113,6 +113,8 @@ class ImageGrids(pl.Callback):
     grid of prior samples (mean images), saved as PNG under ``<output_dir>/images/`` and sent to
     every WandbLogger as ``val/reconstructions`` and ``val/prior_samples``."""
 
+    affects_training = False  # a resume may add, drop or change it (catvae.resume.check_resume_config)
+
     N_ROW = 8
 
     def __init__(self, output_dir: str, n_images: int = 32, every_n_epochs: int = 1):
@@ -153,6 +155,8 @@ class CodeUsage(pl.Callback):
     is saved as ``images/code_usage_epochXXX.png`` (one row per variable, white = frequent) and sent to W&B as
     ``val/code_usage``.
     """
+
+    affects_training = False  # a resume may add, drop or change it (catvae.resume.check_resume_config)
 
     def __init__(self, output_dir: str, min_frequency: float = 0.01, pixels_per_cell: int = 8):
         if not 0 < min_frequency < 1:

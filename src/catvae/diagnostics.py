@@ -92,6 +92,8 @@ class GradientDiagnostics(pl.Callback):
     reference_draws x reference_samples decoder passes for RLOO.
     """
 
+    affects_training = False  # its draws use their own stream: a resume may add, drop or change it
+
     def __init__(self, every_n_steps: int = 1000, n_draws: int = 16, batch_size: int = 100,
                  panel: dict[str, Estimator] | None = None, reference_samples: int = 100, reference_draws: int = 4,
                  max_exact_configurations: int = 1024, follow_tau: bool = True, seed: int = 0):

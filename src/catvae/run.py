@@ -14,13 +14,14 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
 
-from catvae.resume import RNGState, resolve_resume
-from catvae.sweep import write_status
+from catvae.resume import ResumePoint, check_resume_config, resolve_resume, resume_chain
+from catvae.sweep import read_status, write_status
 from catvae.validation import check_choice, check_integer
 
 log = logging.getLogger(__name__)
@@ -118,14 +119,20 @@ def run(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     overrides = job_overrides()
-    write_status(output_dir, "running", overrides)
+    write_status(output_dir, "running", overrides, chain=[])
     try:
         results = train_and_test(cfg, output_dir)
     except BaseException as error:
-        write_status(output_dir, "failed", overrides, error)
+        write_status(output_dir, "failed", overrides, error, **resume_entries(output_dir))
         raise
-    write_status(output_dir, "finished", overrides)
+    write_status(output_dir, "finished", overrides, **resume_entries(output_dir))
     return results
+
+
+def resume_entries(output_dir: Path) -> dict:
+    """The resume chain recorded in this run's status.json when it started, kept in its later statuses."""
+    record = read_status(output_dir) or {}
+    return {key: record[key] for key in ("resumed_from", "chain") if key in record}
 
 
 def build_model(cfg: DictConfig, image_shape: list[int]) -> pl.LightningModule:
@@ -144,19 +151,25 @@ def train_and_test(cfg: DictConfig, output_dir: Path) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
 
     # Everything that can reject bad input is built before the trainer starts.
+    config = OmegaConf.to_container(cfg, resolve=True)
     resume_from = resolve_resume(cfg.resume) if cfg.get("resume") else None
+    chain = resume_chain(resume_from) if resume_from else []
+    if resume_from:
+        check_resume_config(torch.load(resume_from, map_location="cpu", weights_only=True), config, resume_from)
+        write_status(output_dir, "running", job_overrides(), resumed_from=str(resume_from), chain=chain)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # reads the data and checks sizes against it
     model = build_model(cfg, list(datamodule.image_shape))
     estimator = model.estimator
-    callbacks = instantiate_group(cfg.callbacks) + [instantiate(cfg.schedule), RNGState()]
+    # ResumePoint first: it records where the run is after each step before any other callback can write a checkpoint
+    callbacks = [ResumePoint(cfg.seed, config)] + instantiate_group(cfg.callbacks) + [instantiate(cfg.schedule)]
     for callback in callbacks:  # callbacks that constrain the model (the deferred non-finite guard) refuse it now
         if hasattr(callback, "check_model"):
             callback.check_model(model)
     loggers = instantiate_loggers(cfg.logger)
     try:
         for logger in loggers:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            logger.log_hyperparams(config)
         trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         ckpt_path = cfg.test_ckpt if trainer.checkpoint_callback is not None else None
@@ -174,6 +187,7 @@ def train_and_test(cfg: DictConfig, output_dir: Path) -> dict:
         "metrics": {key: float(value) for key, value in test_metrics.items()},
         "tested_checkpoint": tested_checkpoint(trainer, ckpt_path),
         "resumed_from": str(resume_from) if resume_from else None,
+        "chain": chain,  # the run directories this one continues, oldest first
         "global_step": trainer.global_step,
         "wall_time_s": round(time.time() - started, 1),
         "output_dir": str(output_dir),
