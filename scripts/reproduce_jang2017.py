@@ -287,7 +287,12 @@ class Reproduction:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="directory of all runs, commands.txt and table<N>.md/.csv")
+    parser.add_argument("--out", help="directory of all runs, commands.txt and table<N>.md/.csv")
+    parser.add_argument("--campaign", type=Path, help="run Table 1 at full length (scripts/campaign.py) with its runs "
+                                                      "under this directory; killed, it continues when run again")
+    parser.add_argument("--records", type=Path, default=ROOT / "docs" / "reproduction" / "full",
+                        help="where --campaign writes one JSON record per finished run")
+    parser.add_argument("--table-from", type=Path, help="print full-length Table 1 from these records, run nothing")
     parser.add_argument("--table", type=int, choices=sorted(TABLES), default=1)
     parser.add_argument("--protocol", choices=("full", "cpu"), default="full")
     parser.add_argument("--rows", help=f"comma-separated subset of {','.join(ROWS)} (default: the table's)")
@@ -301,6 +306,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the selection commands, run nothing")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. trainer=gpu")
     args = parser.parse_args(argv)
+    if not (args.out or args.campaign or args.table_from):
+        parser.error("one of --out, --campaign, --table-from is required")
     rows, columns = TABLES[args.table]
     args.rows, args.columns = args.rows or ",".join(rows), args.columns or ",".join(columns)
     for key, allowed in (("rows", ROWS), ("columns", COLUMNS)):
@@ -316,5 +323,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.table_from or args.campaign:
+        import campaign
+
+        if args.table_from:
+            print(campaign.table_markdown(campaign.load_records(args.table_from)), end="")
+            return
+        rows = [r for r in campaign.FULL_ROWS if r in args.rows]
+        jobs = campaign.table1_jobs(rows, [c for c in TABLE1_COLUMNS if c in args.columns], args.seeds)
+        counts = campaign.Campaign(jobs, args.campaign, args.records, args.n_jobs, tuple(args.overrides)).run()
+        print(f"[campaign] {len(jobs)} jobs: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+        if counts.get("failed"):
+            raise SystemExit(1)
+        return
+    Reproduction(args).run()
+
+
 if __name__ == "__main__":
-    Reproduction(parse_args()).run()
+    main()

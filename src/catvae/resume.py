@@ -111,6 +111,8 @@ class ResumePoint(pl.Callback):
             self.requeue_if_requested()
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        for logger in trainer.loggers:  # the metrics rows up to this point reach the disk before the checkpoint does
+            logger.save()
         if self.point is not None and self.point["global_step"] == trainer.global_step:
             checkpoint["loops"] = self.point["loops"]
         checkpoint[CONFIG_KEY] = self.config
