@@ -1,0 +1,118 @@
+"""scripts/campaign.py: the full-length Table 1 queue survives SIGKILL (of itself and its runs) and loses nothing, a
+failing run is retried once, and the table is what the records give."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import campaign  # noqa: E402
+
+# Tiny VAE (Cat.) runs: 3 epochs of 8 steps on synthetic data, a step checkpoint every 4 steps.
+TINY = ("data=synthetic", "data.batch_size=64", "model.hidden_sizes=[16]", "model.n_vars=3", "model.n_classes=3",
+        "model.iw_samples=10", "trainer.max_epochs=3", "callbacks.step_checkpoint.every_n_train_steps=4")
+JOBS = "campaign.table1_jobs(['vae_cat'], ['gumbel_softmax', 'sf'], [0], sensitivity=())"
+
+
+def start_campaign(directory, records, *overrides):
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import campaign; from pathlib import Path; "
+            f"print(campaign.Campaign({JOBS}, Path({str(directory)!r}), Path({str(records)!r}), 2, "
+            f"{tuple(TINY + overrides)!r}, poll_s=0.2).run())")
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def kill_everything(process, directory):
+    """SIGKILL the campaign and every run it started (as the end of a session does)."""
+    os.killpg(process.pid, signal.SIGKILL)
+    for launch in directory.rglob("campaign.json"):
+        try:
+            os.kill(json.loads(launch.read_text())["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
+
+
+def test_a_killed_campaign_continues_exactly_and_loses_nothing(tmp_path):
+    """Killed (with its runs) once a run has written a mid-run checkpoint, started again: every job ends with a record,
+    the killed ones were resumed (two parts) to the uninterrupted result, nothing finished is run again."""
+    directory, records = tmp_path / "campaign", tmp_path / "records"
+    process = start_campaign(directory, records)
+    deadline = time.time() + 240
+    while not any(directory.rglob("step000004.ckpt")) and time.time() < deadline:
+        time.sleep(0.05)
+    kill_everything(process, directory)
+    assert list(directory.rglob("step000004.ckpt")), "no run reached its first checkpoint"
+    killed = {path.parent.parent.parent.relative_to(directory).as_posix() for path in directory.rglob("*.ckpt")
+              if not (path.parent.parent / "results.json").is_file()}
+    again = start_campaign(directory, records)
+    output, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, output
+    assert "{'done': 2}" in output, output
+    uninterrupted = start_campaign(tmp_path / "clean", tmp_path / "clean_records")
+    assert uninterrupted.wait(timeout=600) == 0
+    assert killed, "the kill landed between runs"
+    for key in killed:
+        record = json.loads((records / f"{key}.json").read_text())
+        clean = json.loads((tmp_path / "clean_records" / f"{key}.json").read_text())
+        assert record["resumed"] and record["parts"] == 2 and record["resumed_from"] == [f"{key}/part0"]
+        for field in ("test", "global_step", "validation_curve", "best_validation", "overrides"):
+            assert record[field] == clean[field], (key, field)
+    for path in records.rglob("*.json"):
+        assert json.loads(path.read_text())["global_step"] == 24
+    rerun = start_campaign(directory, records)
+    output, _ = rerun.communicate(timeout=120)
+    assert "started" not in output and rerun.returncode == 0
+
+
+def test_a_failing_run_is_retried_once_then_reported(tmp_path):
+    jobs = campaign.table1_jobs(["vae_cat"], ["gumbel_softmax"], [0], sensitivity=())
+    run = campaign.Campaign(jobs, tmp_path / "campaign", tmp_path / "records", 2, TINY + ("estimator.tau=-1",),
+                            poll_s=0.2)
+    assert run.run() == {"failed": 1}
+    parts = campaign.parts_of(tmp_path / "campaign" / jobs[0].key)
+    assert [campaign.part_state(p) for p in parts] == ["failed", "failed"]
+    assert not (tmp_path / "records").exists()
+
+
+def record(row, column, seed, value, epoch=90, parts=1):
+    return {"row": row, "column": column, "seed": seed, "lr": 0.003, "global_step": 50000, "metric": "test/nll_iw",
+            "test": {"test/nll_iw": value}, "best_validation": {"metric": "val/nelbo", "value": value + 5,
+                                                                  "epoch": epoch},
+            "wall_time_s": 1200.0 + 60 * seed, "parts": parts, "resumed": parts > 1}
+
+
+def test_the_table_gives_mean_std_and_seeds_of_the_records():
+    records = [record("vae_cat", "gumbel_softmax", 0, 100.0), record("vae_cat", "gumbel_softmax", 1, 102.0, parts=3),
+               record("vae_cat", "gumbel_softmax", 2, 104.0), record("sbn_bern", "sf", 0, 90.25)]
+    table = campaign.table_markdown(records)
+    grid_part = table.split("\n\n")[1]  # after the caption, before the per-cell lines
+    grid = {line.split(" | ")[0].strip("| "): line for line in grid_part.splitlines() if line.startswith("| ")}
+    assert "| 102.0 ± 2.0 (101.5) |" in grid["VAE (Cat.)"]  # mean, std with ddof=1, the paper's number
+    assert "| 90.2 (72.0) |" in grid["SBN (Bern.)"] and "| - (58.5) |" in grid["SBN (Bern.)"]
+    (detail,) = [line for line in table.splitlines() if line.startswith("| VAE (Cat.) | Gumbel-S. |")]
+    assert detail == ("| VAE (Cat.) | Gumbel-S. | 101.5 | 102.0 ± 2.0 | 0: 100.00 (90), 1: 102.00 (90), 2: 104.00 (90) "
+                      "| 0.003 | 50000 | 21.0 min | seed 1 (3 parts) |")
+
+
+def test_the_page_shows_the_table_the_committed_records_give():
+    page = (ROOT / "docs" / "reproduction.md").read_text()
+    shown = re.search(r"<!-- full-table1 -->\n(.*?)<!-- /full-table1 -->", page, re.S)
+    assert shown, "docs/reproduction.md lacks the full-length table's markers"
+    assert shown.group(1) == campaign.table_markdown(campaign.load_records(ROOT / "docs" / "reproduction" / "full"))
+
+
+@pytest.mark.parametrize("field", ["row", "column", "seed", "global_step", "overrides", "lr", "commits", "test",
+                                   "best_validation", "validation_curve", "wall_time_s", "threads", "resumed",
+                                   "resumed_from"])
+def test_every_committed_record_has_what_the_table_and_a_reader_need(field):
+    for path in (ROOT / "docs" / "reproduction" / "full").rglob("*.json"):
+        assert field in json.loads(path.read_text()), (path, field)
