@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
 
+from catvae.progress import drop_lightning_tips, line_progress_if_not_a_terminal
 from catvae.resume import ResumePoint, check_resume_config, resolve_resume, resume_chain
 from catvae.sweep import read_status, write_status
 from catvae.validation import check_choice, check_integer
@@ -116,6 +117,7 @@ def run(cfg: DictConfig) -> dict:
     """
     configure_wandb_environment()
     use_cached_cuda_check()
+    drop_lightning_tips()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     overrides = job_overrides()
@@ -162,7 +164,8 @@ def train_and_test(cfg: DictConfig, output_dir: Path) -> dict:
     model = build_model(cfg, list(datamodule.image_shape))
     estimator = model.estimator
     # ResumePoint first: it records where the run is after each step before any other callback can write a checkpoint
-    callbacks = [ResumePoint(cfg.seed, config)] + instantiate_group(cfg.callbacks) + [instantiate(cfg.schedule)]
+    callbacks = ([ResumePoint(cfg.seed, config)] + instantiate_group(cfg.callbacks) + [instantiate(cfg.schedule)]
+                 + line_progress_if_not_a_terminal(cfg.trainer.get("enable_progress_bar", True)))
     for callback in callbacks:  # callbacks that constrain the model (the deferred non-finite guard) refuse it now
         if hasattr(callback, "check_model"):
             callback.check_model(model)
