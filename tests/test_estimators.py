@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-from catvae.estimators import (ARM, DARN, REBAR, RELAX, RLOO, VIMCO, DisARM, Exact, GappedStraightThrough,
-                               GumbelRao, GumbelSoftmax, LearnedBaseline, MovingAverageBaseline, MuProp, NoBaseline,
-                               Reinforce, ReinMax, STGumbelSoftmax, StraightThrough)
-from catvae.relaxations import categorical_log_prob, sample_categorical
+from catvae.estimators import (ARM, DARN, REBAR, RELAX, RLOO, VIMCO, ZGR, DisARM, Exact, GappedStraightThrough,
+                               GumbelRao, GumbelSoftmax, IndeCateR, LearnedBaseline, MovingAverageBaseline, MuProp,
+                               NoBaseline, Reinforce, ReinMax, STGumbelSoftmax, StraightThrough)
+from catvae.relaxations import categorical_log_prob, conditional_gumbel, sample_categorical
 from conftest import all_one_hot, exact_expectation
 
 DRAWS = 20_000
@@ -108,9 +108,12 @@ UNBIASED = {
     "rebar_fixed": lambda p: REBAR(eta=0.7, temperature=0.3, learn=False),
     "rebar": lambda p: REBAR(),
     "relax": lambda p: RELAX(hidden_size=16),
+    "indecater": lambda p: IndeCateR(),
+    "indecater_3": lambda p: IndeCateR(3),
 }
 BINARY_UNBIASED = {"arm": lambda p: ARM(), "disarm": lambda p: DisARM(), "rloo_binary": lambda p: RLOO(3),
-                   "rebar_binary": lambda p: REBAR(), "relax_binary": lambda p: RELAX(hidden_size=16)}
+                   "rebar_binary": lambda p: REBAR(), "relax_binary": lambda p: RELAX(hidden_size=16),
+                   "indecater_binary": lambda p: IndeCateR()}
 
 
 def bound_baseline(baseline):
@@ -452,6 +455,72 @@ def test_darn_is_unbiased_for_a_linear_objective():
     assert z_scores(-grads, exact).abs().max() > 15
 
 
+def zgr_jacobian(logits, hard):
+    """d proxy / d logits of ZGR for one variable: (K, K), by autograd."""
+    return torch.autograd.functional.jacobian(lambda l: ZGR().proxy(l[None, None], hard[None, None])[0, 0], logits)
+
+
+@pytest.mark.parametrize("sampled", [0, 1, 2])
+def test_zgr_is_the_zero_temperature_limit_of_gumbel_rao(sampled):
+    """Gumbel-Rao's gradient is f'(D) times E[J_tau | D], the softmax_tau Jacobian at Gumbel noise conditioned on the
+    sample D; as tau -> 0 that expectation tends to ZGR's 1/2 [diag(p) - p p^T + (D - p)(D - p)^T]. At tau = 0.03,
+    400,000 conditional draws: within 0.02 of it, while at tau = 1 it is more than 0.03 away, and so is ST's
+    Jacobian diag(p) - p p^T."""
+    torch.manual_seed(21)
+    logits = torch.tensor([0.3, -0.5, 1.0])
+    hard = torch.nn.functional.one_hot(torch.tensor(sampled), 3).float()
+    zgr = zgr_jacobian(logits, hard)
+    p = logits.softmax(-1)
+    torch.testing.assert_close(zgr, 0.5 * (torch.diag(p) - torch.outer(p, p) + torch.outer(hard - p, hard - p)))
+
+    def gumbel_rao_jacobian(tau):
+        scores = conditional_gumbel(logits[None, None], hard[None, None], (400_000,))[:, 0, 0]  # (M, K)
+        y = (scores / tau).softmax(-1)
+        return (torch.diag_embed(y) - y[:, :, None] * y[:, None, :]).mean(0) / tau
+
+    assert (gumbel_rao_jacobian(0.03) - zgr).abs().max() < 0.02
+    assert (gumbel_rao_jacobian(1.0) - zgr).abs().max() > 0.03
+    assert (torch.diag(p) - torch.outer(p, p) - zgr).abs().max() > 0.05
+
+
+def test_zgr_is_exact_in_expectation_for_a_linear_objective_and_biased_for_a_cubic_one():
+    torch.manual_seed(22)
+    objective, exact = linear_problem_exact()
+    grads = mean_gradient(ZGR(), objective, 40_000)
+    assert z_scores(grads, exact).abs().max() < 4.5
+    assert z_scores(-grads, exact).abs().max() > 15
+    # f = (w.z)^3: the bias is 0.6 against a gradient of norm 1.3 (on the quadratic toy objective it is within noise)
+    w = torch.randn(3, 3, generator=torch.Generator().manual_seed(5))
+    cubic = lambda z: (z * w).sum((-1, -2)) ** 3  # noqa: E731
+    leaf = CATEGORICAL.logits.clone().requires_grad_(True)
+    (exact_cubic,) = torch.autograd.grad(exact_expectation(leaf, cubic).sum(), leaf)
+    assert z_scores(mean_gradient(ZGR(), cubic, 40_000), exact_cubic[0]).pow(2).sum() > 60
+
+
+def test_zgr_on_one_bernoulli_variable_is_darn_without_a_baseline():
+    """For K = 2, 1/2 [p(1-p) + (D - p)^2] = (D - 1/2)(D - p): DARN's signal f'(D).(D - 1/2) times grad log p_D. (For
+    N > 1 DARN multiplies every variable's score by one signal summed over the variables; ZGR's signal is each
+    variable's own.)"""
+    single = Problem(1, 2)
+    grads = []
+    for estimator in (ZGR(), bound(DARN(NoBaseline()), single)):
+        torch.manual_seed(23)
+        grads.append(single.draws(estimator, 2_000))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def test_indecater_costs_n_k_evaluations_per_sample_in_one_objective_call():
+    calls = []
+
+    def objective(z):
+        calls.append(z.shape)
+        return z.sum((-1, -2))
+
+    IndeCateR(2)(CATEGORICAL.logits.expand(5, -1, -1), objective)
+    assert calls == [torch.Size([2 * 3 * 3, 5, 3, 3])]
+
+
 def gapped_logits(logits, hard, gap):
     """Fan et al. (2022), Eq. 8-9: theta~ = theta + m1 - m2, m1 = (theta_k - theta_i) D,
     m2_j = max(0, theta_j - theta_k + gap) for j != i, with i the sampled class and k the argmax."""
@@ -498,6 +567,7 @@ EVERY = {
     "exact": lambda: Exact(), "arm": lambda: ARM(), "disarm": lambda: DisARM(), "vimco": lambda: VIMCO(3),
     "rebar": lambda: REBAR(), "relax": lambda: RELAX(hidden_size=8), "darn": lambda: DARN(),
     "gst": lambda: GappedStraightThrough(0.5), "gst_adaptive": lambda: GappedStraightThrough(0.5, "adaptive"),
+    "zgr": lambda: ZGR(), "indecater": lambda: IndeCateR(2),
 }
 
 

@@ -1,4 +1,4 @@
-"""Relaxed and straight-through estimators: Gumbel-Softmax, ST Gumbel-Softmax, ST, Gumbel-Rao, ReinMax."""
+"""Relaxed and straight-through estimators: Gumbel-Softmax, ST Gumbel-Softmax, ST, Gumbel-Rao, ReinMax, GST, ZGR."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from catvae.estimators.base import Estimate, Objective, TemperatureEstimator
+from catvae.estimators.base import Estimate, Estimator, Objective, TemperatureEstimator
 from catvae.relaxations import conditional_gumbel, gumbel_softmax, sample_categorical, straight_through
 from catvae.validation import check_integer
 
@@ -40,7 +40,7 @@ class STGumbelSoftmax(GumbelSoftmax):
     hard = True
 
 
-class StraightThroughEstimator(TemperatureEstimator):
+class StraightThroughEstimator(Estimator):
     """Shared shape of the straight-through family: z = hard one-hot sample D ~ q in the forward pass,
     gradient of a differentiable ``proxy(logits, D)`` in the backward pass; loss = surrogate = f(z)."""
 
@@ -55,7 +55,11 @@ class StraightThroughEstimator(TemperatureEstimator):
         return Estimate(loss=loss, surrogate=loss, z=z)
 
 
-class StraightThrough(StraightThroughEstimator):
+class TemperedStraightThrough(TemperatureEstimator, StraightThroughEstimator):
+    """A straight-through estimator whose proxy has a temperature ``tau``."""
+
+
+class StraightThrough(TemperedStraightThrough):
     """Straight-through (Bengio et al. 2013, as in Jang et al. 2017, Table 1): z ~ Cat(softmax(logits))
     one-hot, gradient of softmax(logits / tau). Unbiased at tau = 1 for objectives linear in z."""
 
@@ -65,7 +69,7 @@ class StraightThrough(StraightThroughEstimator):
         return F.softmax(logits.float() / self.tau, dim=-1)
 
 
-class GumbelRao(StraightThroughEstimator):
+class GumbelRao(TemperedStraightThrough):
     """Gumbel-Rao (Paulus et al. 2021, Eq. 7): the ST Gumbel-Softmax gradient Rao-Blackwellised over
     the Gumbel noise given the sample D,
 
@@ -92,7 +96,7 @@ class GumbelRao(StraightThroughEstimator):
         return F.softmax(scores / self.tau, dim=-1).mean(0)  # (B, N, K)
 
 
-class ReinMax(StraightThroughEstimator):
+class ReinMax(TemperedStraightThrough):
     """ReinMax (Liu et al. 2023, Algorithm 2): a second-order (Heun's method) straight-through
     gradient. With pi_0 = softmax(logits) and the sample D,
 
@@ -115,7 +119,7 @@ class ReinMax(StraightThroughEstimator):
         return 2 * pi_1 - pi_0 / 2
 
 
-class GappedStraightThrough(StraightThroughEstimator):
+class GappedStraightThrough(TemperedStraightThrough):
     """Gapped Straight-Through (Fan et al. 2022): the ST Gumbel-Softmax gradient with the Gumbel noise
     replaced by a deterministic perturbation m(theta, D) that makes the sampled class i the argmax of the
     perturbed logits by a gap kappa (theta = logits, k = argmax theta):
@@ -153,3 +157,25 @@ class GappedStraightThrough(StraightThroughEstimator):
         perturbed = torch.where(hard > 0, top.expand_as(logits), capped)
         shift = torch.where(torch.isfinite(logits), perturbed - logits, torch.zeros_like(logits)).detach()
         return F.softmax((logits + shift - top.detach()) / self.tau, dim=-1)
+
+
+class ZGR(StraightThroughEstimator):
+    """ZGR (Shekhovtsov 2023, "Cold Rao-Blackwellized Straight-Through Gumbel-Softmax"): the limit tau -> 0 of
+    Gumbel-Rao in closed form. With the sample D and p = softmax(logits), the gradient is M f'(D) with
+
+        M = 1/2 [ diag(p) - p p^T + (D - p)(D - p)^T ],
+
+    the average of ST's softmax Jacobian and a DARN term whose learning signal f'(D).(D - p) multiplies
+    grad log p_D = D - p, each variable with its own signal (for one Bernoulli variable, DARN with x_bar = 1/2). As a
+    proxy: 1/2 [p + (D - sg(p)) log p_D]: one objective evaluation, no temperature. Biased for nonlinear f (clearly
+    for a cubic one), exact in expectation for f linear in z (both halves are). The tests check M against
+    Gumbel-Rao's conditional Jacobian at small tau.
+    """
+
+    name = "zgr"
+
+    def proxy(self, logits: Tensor, hard: Tensor) -> Tensor:
+        log_p = torch.log_softmax(logits.float(), dim=-1)  # (B, N, K)
+        p = log_p.exp()
+        log_p_sample = (hard * torch.where(hard > 0, log_p, torch.zeros_like(log_p))).sum(-1, keepdim=True)
+        return 0.5 * (p + (hard - p.detach()) * log_p_sample)  # (B, N, K)
