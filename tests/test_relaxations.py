@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from catvae.relaxations import (categorical_log_prob, gumbel_softmax, kl_to_uniform, sample_categorical)
+from catvae.relaxations import (categorical_log_prob, conditional_gumbel, gumbel_softmax, kl_to_uniform, one_hot_argmax,
+                                sample_categorical)
 
 
 def test_gumbel_max_frequencies_match_softmax():
@@ -156,3 +157,30 @@ def test_kl_to_uniform_matches_torch_distributions_and_has_finite_masked_gradien
     assert torch.isfinite(kl).all()
     kl.sum().backward()
     assert torch.isfinite(masked.grad).all()
+
+
+SAMPLERS = {
+    "gumbel_softmax": lambda logits, g: gumbel_softmax(logits, 0.5, generator=g),
+    "gumbel_softmax_hard": lambda logits, g: gumbel_softmax(logits, 0.5, hard=True, sample_shape=(3,), generator=g),
+    "sample_categorical": lambda logits, g: sample_categorical(logits, (4,), generator=g),
+    "conditional_gumbel": lambda logits, g: conditional_gumbel(logits, one_hot_argmax(logits), (2,), generator=g),
+}
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_a_seeded_generator_reproduces_the_draws_and_leaves_the_global_stream_alone(name):
+    """The same seed gives the same draws whatever the global generator did in between, the global stream is not
+    advanced by them, and another seed gives other draws (unlike torch.nn.functional.gumbel_softmax, which has no
+    generator argument)."""
+    logits = torch.randn(5, 4, 6)
+    torch.manual_seed(0)
+    first = SAMPLERS[name](logits, torch.Generator().manual_seed(17))
+    after_first = torch.rand(3)
+    torch.manual_seed(1)
+    torch.rand(100)
+    second = SAMPLERS[name](logits, torch.Generator().manual_seed(17))
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.manual_seed(0)
+    torch.testing.assert_close(torch.rand(3), after_first, rtol=0, atol=0)  # the global stream did not move
+    other = SAMPLERS[name](logits, torch.Generator().manual_seed(18))
+    assert not torch.equal(first, other)

@@ -119,7 +119,8 @@ def kl_to_uniform(logits: Tensor) -> Tensor:
     return neg_entropy + logits.shape[-2] * math.log(logits.shape[-1])
 
 
-def conditional_gumbel(logits: Tensor, z: Tensor, sample_shape: tuple[int, ...] = ()) -> Tensor:
+def conditional_gumbel(logits: Tensor, z: Tensor, sample_shape: tuple[int, ...] = (),
+                       generator: torch.Generator | None = None) -> Tensor:
     """Gumbel-perturbed log-probabilities conditioned on their argmax being the one-hot ``z``.
 
     With l = log_softmax(logits) and v ~ U(0, 1)^K (Tucker et al. 2017, Appendix; Paulus et al. 2021):
@@ -128,11 +129,12 @@ def conditional_gumbel(logits: Tensor, z: Tensor, sample_shape: tuple[int, ...] 
     so (l + G | argmax = b) is drawn exactly, and g is differentiable in the logits. The second line
     is evaluated as -logaddexp(log(-log v_i) - l_i, log(-log v_b)), finite-gradient for masked classes
     (l_i = -inf gives g_i = -inf). z may carry extra leading sample dims; ``sample_shape`` prepends more.
-    Returns float32 scores of shape (*sample_shape, *z.shape).
+    Returns float32 scores of shape (*sample_shape, *z.shape). ``generator``, as for every sampling function here:
+    draw from it instead of torch's global generator.
     """
     shape = tuple(sample_shape) + tuple(z.shape)
     tiny = torch.finfo(torch.float32).tiny
-    neg_log_v = -torch.log(torch.rand(shape, device=z.device).clamp_min(tiny))  # (*S, ..., K), > 0
+    neg_log_v = -torch.log(torch.rand(shape, device=z.device, generator=generator).clamp_min(tiny))  # (*S, ..., K), > 0
     log_p = F.log_softmax(logits.float(), dim=-1)
     is_top = z.expand(shape) > 0.5
     log_top = (neg_log_v.log() * is_top).sum(-1, keepdim=True)  # log(-log v_b), (*S, ..., 1)
