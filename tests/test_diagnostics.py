@@ -105,6 +105,9 @@ def test_the_callback_logs_every_key_and_leaves_the_run_unchanged(tmp_path):
                 values = column(rows, key)
                 assert len(values) == 4 and all(map(math.isfinite, values)), key  # steps 0, 4, 8, 12
     assert column(rows, "grad/reference/var") == [0.0] * 4  # exact reference: 27 configurations
+    for name, evaluations in (("reinforce", 1), ("rloo", 4)):  # the equal-work variance: var x evaluations
+        assert column(rows, f"grad/{name}/var_x_evals") == pytest.approx(
+            [evaluations * v for v in column(rows, f"grad/{name}/var")])
     assert json.loads((tmp_path / "diag" / "results.json").read_text())["global_step"] == 16
 
 

@@ -11,12 +11,14 @@ import math
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from catvae.estimators import (ARM, DARN, REBAR, RELAX, RLOO, VIMCO, ZGR, DisARM, Exact, GappedStraightThrough,
                                GumbelRao, GumbelSoftmax, IndeCateR, LearnedBaseline, MovingAverageBaseline, MuProp,
                                NoBaseline, Reinforce, ReinMax, STGumbelSoftmax, StraightThrough)
 from catvae.relaxations import categorical_log_prob, conditional_gumbel, sample_categorical
-from conftest import all_one_hot, exact_expectation
+from conftest import CONF_DIR, ESTIMATORS as ESTIMATOR_CONFIGS, all_one_hot, exact_expectation
 
 DRAWS = 20_000
 CONTEXT_DIM = 5
@@ -626,3 +628,20 @@ def test_name_can_be_overridden_for_logs():
     assert Reinforce().name == "reinforce"
     assert Reinforce(NoBaseline(), name="reinforce_plain").name == "reinforce_plain"
     assert STGumbelSoftmax().name == "st_gumbel_softmax" and GumbelSoftmax().name == "gumbel_softmax"
+
+
+@pytest.mark.parametrize("name", ESTIMATOR_CONFIGS)
+def test_every_estimator_states_the_objective_evaluations_it_makes(name):
+    """Estimator.evaluations() (the cost in the equal-work comparison, grad/<name>/var_x_evals) equals the number of
+    configurations per example its forward pass gives the objective, counted through the objective."""
+    estimator = instantiate(OmegaConf.load(CONF_DIR / "estimator" / f"{name}.yaml"))
+    n_classes = 2 if estimator.binary_only else 3
+    estimator.bind(3, n_classes, CONTEXT_DIM)
+    toy, counted = ToyObjective(3, n_classes, 8), []
+
+    def objective(z):
+        counted.append(z.numel() // (8 * 3 * n_classes))
+        return toy(z)
+
+    estimator.train()(torch.randn(8, 3, n_classes, requires_grad=True), objective, torch.randn(8, CONTEXT_DIM))
+    assert sum(counted) == estimator.evaluations()

@@ -10,6 +10,8 @@ gradient (exact by enumeration, or the mean of R independent many-sample RLOO es
     bias    = ||g_bar - g_ref||
     bias_se = sqrt(var / M + var_ref / R), the size ``bias`` has when the estimator is unbiased
               (the noise of g_bar and of g_ref; var_ref = 0 for the exact reference)
+    var_x_evals = var x the objective evaluations per example of one estimate (Estimator.evaluations): the
+              variance at equal work (averaging m estimates divides var by m and multiplies the work by m)
 
 so ``bias`` well above ``bias_se`` measures a real bias. Each draw is a forward and backward pass on the
 fixed batch; the draws use their own random stream (seeded by the step), so turning the diagnostics on does
@@ -142,6 +144,8 @@ class GradientDiagnostics(pl.Callback):
             params, logits = gradient_draws(pl_module, x, estimator, self.n_draws)
             for stat, value in gradient_statistics(params, param_ref).items():
                 metrics[f"grad/{name}/{stat}"] = value
+            # the equal-work comparison: the variance of an average of estimates that cost as much as one evaluation
+            metrics[f"grad/{name}/var_x_evals"] = metrics[f"grad/{name}/var"] * estimator.evaluations()
             for stat, value in gradient_statistics(logits, logit_ref).items():
                 metrics[f"grad/{name}/logits_{stat}"] = value
         return metrics

@@ -187,6 +187,7 @@ def train_and_test(cfg: DictConfig, output_dir: Path) -> dict:
         "estimator": estimator.name,
         "seed": cfg.seed,
         "tau": getattr(estimator, "tau", None),  # the final temperature, for estimators that have one
+        "evaluations_per_step": estimator.evaluations(),  # objective evaluations per example and step
         "metrics": {key: float(value) for key, value in test_metrics.items()},
         "tested_checkpoint": tested_checkpoint(trainer, ckpt_path),
         "resumed_from": str(resume_from) if resume_from else None,
@@ -198,6 +199,7 @@ def train_and_test(cfg: DictConfig, output_dir: Path) -> dict:
     (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     summary = ", ".join(f"{k}={v:.3f}" for k, v in sorted(results["metrics"].items()) if math.isfinite(v))
     log.info("test metrics: %s", summary)
-    print(f"[catvae] {estimator.name} test metrics: {summary}")
+    print(f"[catvae] {estimator.name} ({results['evaluations_per_step']} objective evaluations per example and step) "
+          f"test metrics: {summary}")
     print(f"[catvae] outputs in {output_dir} (results.json, config.yaml, checkpoints/, csv/metrics.csv, images/)")
     return results

@@ -70,9 +70,16 @@ class Estimator(nn.Module):
     def bind(self, n_vars: int, n_classes: int, context_dim: int) -> None:
         """Called once by the model at construction, before training: estimators check the latent
         sizes they support and build their networks here."""
+        self.n_vars, self.n_classes = n_vars, n_classes
         if self.binary_only and n_classes != 2:
             raise ValueError(f"estimator {self.name} supports Bernoulli latents only (model.n_classes=2), "
                              f"got model.n_classes={n_classes}")
+
+    def evaluations(self) -> int:
+        """Objective evaluations per example and step: the configurations z passed to the objective (extra backward
+        passes, as DARN's and MuProp's slopes, are not counted). The cost in the equal-work comparison
+        ``grad/<name>/var_x_evals``. Sizes from :meth:`bind`."""
+        return 1
 
     def forward(self, logits: Tensor, objective: Objective, context: Tensor | None = None) -> Estimate:
         raise NotImplementedError

@@ -34,6 +34,9 @@ class BinaryPairEstimator(Estimator):
     unbiased = True
     binary_only = True
 
+    def evaluations(self) -> int:
+        return 2  # the antithetic pair
+
     def phi_gradient(self, phi: Tensor, u: Tensor, b: Tensor, b_anti: Tensor, f: Tensor, f_anti: Tensor) -> Tensor:
         raise NotImplementedError
 

@@ -36,6 +36,9 @@ class RelaxedControlVariate(Estimator):
     unbiased = True
     double_backward = True
 
+    def evaluations(self) -> int:
+        return 4  # f(b), and c at z, z~ and the detached z~ (REBAR: f of their relaxations)
+
     def control_variate(self, relaxed: Tensor, objective: Objective) -> Tensor:
         """c(z) for Gumbel-perturbed logits ``relaxed`` (..., B, N, K) -> (..., B)."""
         raise NotImplementedError

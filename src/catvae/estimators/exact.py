@@ -36,6 +36,9 @@ class Exact(Estimator):
         super().bind(n_vars, n_classes, context_dim)
         self.check_size(n_vars, n_classes)
 
+    def evaluations(self) -> int:
+        return self.n_classes ** self.n_vars
+
     def forward(self, logits: Tensor, objective: Objective, context: Tensor | None = None) -> Estimate:
         self.check_logits(logits)
         batch, n_vars, n_classes = logits.shape

@@ -84,6 +84,9 @@ class MultiSampleEstimator(Estimator):
         super().__init__(name, optim)
         self.n_samples = check_integer("estimator.n_samples", n_samples, minimum=2)
 
+    def evaluations(self) -> int:
+        return self.n_samples
+
     def draw(self, logits: Tensor, objective: Objective) -> tuple[Tensor, Tensor, Tensor]:
         """(z (S, B, N, K) one-hot, f(z) (S, B), log q(z) (S, B))."""
         self.check_logits(logits)
@@ -125,6 +128,9 @@ class MuProp(BaselineEstimator):
 
     name = "muprop"
     unbiased = True
+
+    def evaluations(self) -> int:
+        return 2  # the sample and the mean-field point
 
     def forward(self, logits: Tensor, objective: Objective, context: Tensor | None = None) -> Estimate:
         self.check_logits(logits)
@@ -185,6 +191,9 @@ class IndeCateR(Estimator):
     def __init__(self, n_samples: int = 1, name: str | None = None, optim: dict | None = None):
         super().__init__(name, optim)
         self.n_samples = check_integer("estimator.n_samples", n_samples)
+
+    def evaluations(self) -> int:
+        return self.n_samples * self.n_vars * self.n_classes
 
     def forward(self, logits: Tensor, objective: Objective, context: Tensor | None = None) -> Estimate:
         self.check_logits(logits)
