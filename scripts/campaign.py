@@ -241,6 +241,16 @@ def write_record(job: Job, job_dir: Path, path: Path) -> dict:
     return record
 
 
+PAGE_MARKERS = ("<!-- full-table1 -->\n", "<!-- /full-table1 -->")
+
+
+def write_table_into(page: Path, table: str) -> None:
+    """Replaces the text between the page's full-table1 markers with ``table``."""
+    text = page.read_text()
+    start, end = text.index(PAGE_MARKERS[0]) + len(PAGE_MARKERS[0]), text.index(PAGE_MARKERS[1])
+    page.write_text(text[:start] + table + text[end:])
+
+
 def load_records(records: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(records.glob("*/*/seed*.json"))]
 

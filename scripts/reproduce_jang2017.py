@@ -293,6 +293,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--records", type=Path, default=ROOT / "docs" / "reproduction" / "full",
                         help="where --campaign writes one JSON record per finished run")
     parser.add_argument("--table-from", type=Path, help="print full-length Table 1 from these records, run nothing")
+    parser.add_argument("--page", type=Path, help="with --table-from: also write the table into this page, between its "
+                                                  "<!-- full-table1 --> markers (docs/reproduction.md)")
     parser.add_argument("--table", type=int, choices=sorted(TABLES), default=1)
     parser.add_argument("--protocol", choices=("full", "cpu"), default="full")
     parser.add_argument("--rows", help=f"comma-separated subset of {','.join(ROWS)} (default: the table's)")
@@ -329,7 +331,10 @@ def main(argv: list[str] | None = None) -> None:
         import campaign
 
         if args.table_from:
-            print(campaign.table_markdown(campaign.load_records(args.table_from)), end="")
+            table = campaign.table_markdown(campaign.load_records(args.table_from))
+            print(table, end="")
+            if args.page:
+                campaign.write_table_into(args.page, table)
             return
         rows = [r for r in campaign.FULL_ROWS if r in args.rows]
         jobs = campaign.table1_jobs(rows, [c for c in TABLE1_COLUMNS if c in args.columns], args.seeds)

@@ -105,7 +105,7 @@ def test_the_table_gives_mean_std_and_seeds_of_the_records():
 
 def test_the_page_shows_the_table_the_committed_records_give():
     page = (ROOT / "docs" / "reproduction.md").read_text()
-    shown = re.search(r"<!-- full-table1 -->\n(.*?)<!-- /full-table1 -->", page, re.S)
+    shown = re.search(r"<!-- full-table1 -->\n(.*?)<!-- /full-table1 -->", page, re.S)  # campaign.PAGE_MARKERS
     assert shown, "docs/reproduction.md lacks the full-length table's markers"
     assert shown.group(1) == campaign.table_markdown(campaign.load_records(ROOT / "docs" / "reproduction" / "full"))
 
@@ -116,3 +116,10 @@ def test_the_page_shows_the_table_the_committed_records_give():
 def test_every_committed_record_has_what_the_table_and_a_reader_need(field):
     for path in (ROOT / "docs" / "reproduction" / "full").rglob("*.json"):
         assert field in json.loads(path.read_text()), (path, field)
+
+
+def test_the_table_is_written_between_the_page_markers_and_nowhere_else(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# head\n<!-- full-table1 -->\nold table\n<!-- /full-table1 -->\ntail\n")
+    campaign.write_table_into(page, "new table\n")
+    assert page.read_text() == "# head\n<!-- full-table1 -->\nnew table\n<!-- /full-table1 -->\ntail\n"
