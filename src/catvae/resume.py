@@ -32,8 +32,11 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from hydra.utils import get_class
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.callbacks import ModelCheckpoint
+
+from catvae.sweep import read_status
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +271,6 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def observing_callbacks(config: dict[str, Any]) -> set[str]:
     """Names of the config's callbacks whose class does not affect training (``affects_training = False``)."""
-    from hydra.utils import get_class
-
     names = set()
     for name, node in (config.get("callbacks") or {}).items():
         try:
@@ -304,8 +305,6 @@ def check_resume_config(checkpoint: dict[str, Any], config: dict[str, Any], path
 def resume_chain(checkpoint: Path) -> list[str]:
     """The run directories a resume from ``checkpoint`` continues, oldest first: the checkpoint's run directory,
     after the runs that one continued (from its status.json)."""
-    from catvae.sweep import read_status
-
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
     return [*(read_status(run_dir) or {}).get("chain", []), str(run_dir)]
 
