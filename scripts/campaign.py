@@ -28,6 +28,7 @@ import fcntl
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -97,11 +98,12 @@ def part_state(part: Path) -> str:
     if (part / "results.json").is_file():
         return "finished"
     record = read_status(part)
-    if record is None:
+    if record is None:  # the launch record names the process as status.json would
         launch = json.loads((part / "campaign.json").read_text()) if (part / "campaign.json").is_file() else {}
-        alive = "pid" in launch and process_start(launch["pid"]) == launch.get("process_start")
-        return "running" if alive else "interrupted"
-    return run_state(record)
+        record = {"status": "running", "host": socket.gethostname(),
+                  **{k: launch[k] for k in ("pid", "host", "process_start") if k in launch}}
+    state = run_state(record)
+    return "interrupted" if state == "running" and "pid" not in record else state
 
 
 def newest_checkpoint(parts: list[Path]) -> Path | None:
@@ -153,7 +155,7 @@ class Campaign:
         self.processes[job.key] = process
         (part / "campaign.json").write_text(json.dumps(
             {"commit": self.commit, "started": started, "command": command, "threads": 1, "pid": process.pid,
-             "process_start": process_start(process.pid)}, indent=2) + "\n")
+             "host": socket.gethostname(), "process_start": process_start(process.pid)}, indent=2) + "\n")
         print(f"[campaign] {job.key}: started {part.name}" + (f", resuming {resume}" if resume else ""), flush=True)
 
     def step(self) -> bool:
@@ -189,10 +191,8 @@ class Campaign:
                 raise SystemExit(f"another campaign is running in {self.directory}") from None
             while self.step():
                 time.sleep(self.poll_s)
-        counts: dict[str, int] = {}
-        for job in self.jobs:
-            counts[self.state(job)] = counts.get(self.state(job), 0) + 1
-        return counts
+        states = [self.state(job) for job in self.jobs]
+        return {state: states.count(state) for state in sorted(set(states))}
 
 
 def validation_curve(parts: list[Path], monitor: str) -> dict[int, float]:

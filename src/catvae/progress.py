@@ -23,9 +23,9 @@ class LineProgress(ProgressBar):
     """One line per epoch (and every ``every_s`` seconds) with steps/s and the latest ``train/`` and ``val/`` metrics
     and ``tau``."""
 
-    def __init__(self, every_s: float = 60.0, stream=None):
+    def __init__(self, every_s: float = 60.0):
         super().__init__()
-        self.every_s, self.stream = every_s, stream
+        self.every_s = every_s
         self.enabled = True
         self.last_line, self.last_step = 0.0, 0
 
@@ -37,7 +37,7 @@ class LineProgress(ProgressBar):
 
     def write(self, text: str) -> None:
         if self.enabled:
-            print(text, file=self.stream or sys.stdout, flush=True)
+            print(text, flush=True)
 
     @staticmethod
     def metrics(trainer: pl.Trainer, prefixes: tuple[str, ...]) -> str:

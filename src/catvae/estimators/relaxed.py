@@ -177,5 +177,5 @@ class ZGR(StraightThroughEstimator):
     def proxy(self, logits: Tensor, hard: Tensor) -> Tensor:
         log_p = torch.log_softmax(logits.float(), dim=-1)  # (B, N, K)
         p = log_p.exp()
-        log_p_sample = (hard * torch.where(hard > 0, log_p, torch.zeros_like(log_p))).sum(-1, keepdim=True)
+        log_p_sample = torch.where(hard > 0, log_p, torch.zeros_like(log_p)).sum(-1, keepdim=True)  # (B, N, 1)
         return 0.5 * (p + (hard - p.detach()) * log_p_sample)  # (B, N, K)
