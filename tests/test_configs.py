@@ -14,7 +14,7 @@ from conftest import CONF_DIR, FAST, compose_config
 GROUPS = ["data", "model", "estimator", "schedule", "callbacks", "logger", "trainer"]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
 # Estimators with latent-size constraints get a latent space they accept.
-LATENTS_FOR = {"arm": ["model.n_classes=2"], "disarm": ["model.n_classes=2"], "exact": ["model.n_vars=3"]}
+LATENTS_FOR = {"arm": ["model.n_classes=2"], "double_cv": ["model.n_classes=2"], "exact": ["model.n_vars=3"]}
 EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
 
 

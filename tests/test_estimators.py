@@ -8,15 +8,19 @@ z-test; the same test rejects a sign error or a missing term by a wide margin.
 """
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from catvae.estimators import (ARM, DARN, REBAR, RELAX, RLOO, VIMCO, ZGR, DisARM, Exact, GappedStraightThrough,
-                               GumbelRao, GumbelSoftmax, IndeCateR, LearnedBaseline, MovingAverageBaseline, MuProp,
-                               NoBaseline, Reinforce, ReinMax, STGumbelSoftmax, StraightThrough)
+from catvae.callbacks import JangExponentialTemperature
+from catvae.estimators import (ARM, CARMS, DARN, REBAR, RELAX, RLOO, VIMCO, ZGR, DecoupledSTGumbelSoftmax, DisARM,
+                               DoubleControlVariate, Exact, GappedStraightThrough, GumbelRao, GumbelSoftmax, IndeCateR,
+                               LearnedBaseline, MovingAverageBaseline, MuProp, NoBaseline, Reinforce, ReinMax,
+                               STGumbelSoftmax, StraightThrough)
+from catvae.estimators.coupled import copula_cdf, dirichlet_copula, stick_breaking_pair
 from catvae.relaxations import categorical_log_prob, conditional_gumbel, sample_categorical
 from conftest import CONF_DIR, ESTIMATORS as ESTIMATOR_CONFIGS, all_one_hot, exact_expectation
 
@@ -112,10 +116,16 @@ UNBIASED = {
     "relax": lambda p: RELAX(hidden_size=16),
     "indecater": lambda p: IndeCateR(),
     "indecater_3": lambda p: IndeCateR(3),
+    "disarm_stick_breaking": lambda p: DisARM(),
+    "carms_2": lambda p: CARMS(2),
+    "carms_4": lambda p: CARMS(4),
 }
 BINARY_UNBIASED = {"arm": lambda p: ARM(), "disarm": lambda p: DisARM(), "rloo_binary": lambda p: RLOO(3),
                    "rebar_binary": lambda p: REBAR(), "relax_binary": lambda p: RELAX(hidden_size=16),
-                   "indecater_binary": lambda p: IndeCateR()}
+                   "indecater_binary": lambda p: IndeCateR(), "arms_3": lambda p: CARMS(3),
+                   "double_cv_rloo": lambda p: DoubleControlVariate(4),
+                   "double_cv_negative": lambda p: DoubleControlVariate(4, alpha=-0.8, learn=False),
+                   "double_cv_positive": lambda p: DoubleControlVariate(3, alpha=1.5, learn=False)}
 
 
 def bound_baseline(baseline):
@@ -257,7 +267,7 @@ def test_exact_refuses_large_latent_spaces_before_training():
 
 
 def test_binary_only_estimators_refuse_categorical_latents():
-    for estimator in (ARM(), DisARM()):
+    for estimator in (ARM(), DoubleControlVariate()):
         with pytest.raises(ValueError, match=f"estimator {estimator.name} supports Bernoulli latents only "
                                              r"\(model.n_classes=2\), got model.n_classes=10"):
             estimator.bind(20, 10, 256)
@@ -569,7 +579,9 @@ EVERY = {
     "exact": lambda: Exact(), "arm": lambda: ARM(), "disarm": lambda: DisARM(), "vimco": lambda: VIMCO(3),
     "rebar": lambda: REBAR(), "relax": lambda: RELAX(hidden_size=8), "darn": lambda: DARN(),
     "gst": lambda: GappedStraightThrough(0.5), "gst_adaptive": lambda: GappedStraightThrough(0.5, "adaptive"),
-    "zgr": lambda: ZGR(), "indecater": lambda: IndeCateR(2),
+    "zgr": lambda: ZGR(), "indecater": lambda: IndeCateR(2), "disarm_stick_breaking": lambda: DisARM(),
+    "carms": lambda: CARMS(3), "double_cv": lambda: DoubleControlVariate(3),
+    "decoupled_st": lambda: DecoupledSTGumbelSoftmax(0.7, 0.5),
 }
 
 
@@ -577,7 +589,7 @@ EVERY = {
 def test_finite_for_extreme_and_masked_logits(name):
     torch.manual_seed(10)
     estimator = EVERY[name]()
-    n_classes = 2 if estimator.binary_only else 3
+    n_classes = 2 if estimator.binary_only or name == "disarm" else 3
     estimator.bind(3, n_classes, CONTEXT_DIM)
     logits = torch.randn(16, 3, n_classes) * 1e4
     if n_classes > 2:
@@ -596,7 +608,7 @@ def test_finite_for_extreme_and_masked_logits(name):
 def test_state_survives_a_checkpoint_round_trip(name):
     torch.manual_seed(11)
     estimator, restored = EVERY[name](), EVERY[name]()
-    n_classes = 2 if estimator.binary_only else 3
+    n_classes = 2 if estimator.binary_only or name == "disarm" else 3
     for module in (estimator, restored):
         module.bind(3, n_classes, CONTEXT_DIM)
     estimator.train()(torch.randn(32, 3, n_classes), ToyObjective(3, n_classes, 32), torch.randn(32, CONTEXT_DIM))
@@ -607,6 +619,8 @@ def test_state_survives_a_checkpoint_round_trip(name):
         assert estimator.state_dict()["baseline.weight"] > 0
     if name in ("rebar", "relax"):
         assert {"eta", "log_temperature"} <= set(estimator.state_dict())
+    if name == "double_cv":
+        assert "alpha" in estimator.state_dict()
 
 
 @pytest.mark.parametrize("tau", [0.0, -0.5, math.inf, math.nan])
@@ -645,3 +659,187 @@ def test_every_estimator_states_the_objective_evaluations_it_makes(name):
 
     estimator.train()(torch.randn(8, 3, n_classes, requires_grad=True), objective, torch.randn(8, CONTEXT_DIM))
     assert sum(counted) == estimator.evaluations()
+
+
+# ----- coupled samples: categorical DisARM, CARMS; double control variates; decoupled ST -----
+
+def test_stick_breaking_pair_has_exact_marginals_and_importance_weights():
+    """Each of the pair is Cat(p), and the weight w turns the coupling into independent draws off the diagonal:
+    E[w 1[z = a, z~ = b]] = p_a p_b for every a != b (K = 5; 400k pairs, 5 standard errors)."""
+    torch.manual_seed(20)
+    logits = torch.tensor([[[1.2, -0.4, 0.3, 2.0, -1.5]]]).expand(400_000, 1, 5)
+    z, weight = stick_breaking_pair(logits)
+    p = torch.softmax(logits[0, 0], -1).double()
+    a, b = z.argmax(-1)[:, :, 0]  # (draws,)
+    for sample in (a, b):
+        frequency = torch.bincount(sample, minlength=5).double() / len(sample)
+        assert ((frequency - p).abs() < 5 * (p * (1 - p) / len(sample)).sqrt()).all()
+    weighted = torch.zeros(5, 5, dtype=torch.float64).index_put_((a, b), weight[:, 0].double(), accumulate=True)
+    weighted /= len(a)
+    off_diagonal = ~torch.eye(5, dtype=torch.bool)
+    expected = torch.outer(p, p)
+    error = (weighted - expected)[off_diagonal].abs().max().item()
+    assert error < 2.5e-3 and error < 0.05 * expected[off_diagonal].min().item() + 2.5e-3
+    # the weight never explodes: each factor (1 - sigma)^2 / (1 - 2 sigma) is at most 4/3 in ascending order
+    assert weight.max() < (4 / 3) ** 3
+
+
+def test_stick_breaking_weight_at_two_classes_is_disarms():
+    torch.manual_seed(21)
+    logits = torch.randn(5000, 3, 2)
+    z, weight = stick_breaking_pair(logits)
+    differ = (z[0] != z[1]).any(-1)
+    phi = logits[..., 1] - logits[..., 0]
+    assert differ.any()
+    torch.testing.assert_close(weight[differ], torch.sigmoid(phi.abs())[differ])
+
+
+def test_disarm_is_unbiased_at_ten_classes():
+    check_unbiased(DisARM(), Problem(2, 10))
+
+
+def test_dirichlet_copula_has_uniform_marginals_and_its_pair_cdf():
+    torch.manual_seed(22)
+    u = dirichlet_copula(4, (200_000,))
+    assert (u.mean(1) - 0.5).abs().max() < 0.005 and (u.var(1) - 1 / 12).abs().max() < 0.002
+    for x, y in ((0.3, 0.5), (0.7, 0.8), (0.1, 0.1), (0.9, 0.2)):
+        frequency = ((u[0] <= x) & (u[1] <= y)).double().mean()
+        assert abs(frequency - copula_cdf(torch.tensor(x), torch.tensor(y), 4)) < 0.004
+    assert not ((u < 2 ** -3).sum(0) > 1).any()  # no two below 2^-(n-1)
+
+
+def test_carms_pair_probabilities_are_the_sampled_ones():
+    """The closed-form P(z_i = a, z_j = b) (rectangle probabilities averaged over the orders) against the
+    frequencies of the estimator's own draws, K = 4, S = 3."""
+    torch.manual_seed(23)
+    carms = CARMS(3)
+    carms.bind(1, 4, CONTEXT_DIM)
+    p = torch.softmax(torch.tensor([0.3, -1.0, 1.1, 0.2], dtype=torch.float64), -1).expand(300_000, 1, 4)
+    low, high = carms.intervals(p)
+    classes = carms.sample(low, high).argmax(-1)[:, :, 0]  # (S, draws)
+    for i, j in ((0, 1), (1, 2)):
+        frequency = torch.zeros(4, 4, dtype=torch.float64).index_put_(
+            (classes[i], classes[j]), torch.ones(len(classes[i]), dtype=torch.float64), accumulate=True) / len(p)
+        grid_a, grid_b = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+        closed = carms.pair_probability(low[:16], high[:16], grid_a.reshape(16, 1, 1).expand(16, 16, 1),
+                                        grid_b.reshape(16, 1, 1).expand(16, 16, 1))[:, 0, 0].reshape(4, 4)
+        assert (frequency - closed).abs().max() < 0.003
+        torch.testing.assert_close(closed.sum(1), p[0, 0])  # marginals
+
+
+@pytest.mark.parametrize("n_samples", [2, 3, 5])
+def test_carms_at_two_classes_is_arms_draw_for_draw(n_samples):
+    """ARMS (Dimitriev & Zhou 2021, ICML): g_phi = 1/(n-1) 1/(1 - rho) sum_i (f_i - f_bar)(b_i - p), with
+    E[b_i b_j] = C(p, p) for p < 1/2 and 2p - 1 + C(1-p, 1-p) otherwise; at n = 2 the factor is sigmoid(|phi|) and
+    this is DisARM."""
+    torch.manual_seed(24)
+    carms = bound(CARMS(n_samples), BERNOULLI)
+    logits = (2 * torch.randn(2000, 4, 2)).requires_grad_(True)
+    objective = BERNOULLI.objective(2000)
+    estimate = carms(logits, objective)
+    (grad,) = torch.autograd.grad(estimate.surrogate.sum(), logits)
+    b, f = estimate.z[..., 1].double(), objective(estimate.z).detach().double()  # (S, B, N), (S, B)
+    p = torch.sigmoid(logits[..., 1] - logits[..., 0]).detach().double()
+    n = torch.tensor(float(n_samples), dtype=torch.float64)
+    both = torch.where(p < 0.5, copula_cdf(p, p, n_samples), 2 * p - 1 + copula_cdf(1 - p, 1 - p, n_samples))
+    debias = p * (1 - p) / (p - both)
+    arms = ((f - f.mean(0))[..., None] * (b - p)).sum(0) * debias / (n - 1)
+    torch.testing.assert_close(grad[..., 1].double(), arms, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad[..., 0], -grad[..., 1])
+    if n_samples == 2:
+        torch.testing.assert_close(debias, torch.sigmoid((logits[..., 1] - logits[..., 0]).abs()).detach().double())
+
+
+def test_carms_has_less_variance_than_rloo_with_as_many_samples():
+    carms = CATEGORICAL.draws(bound(CARMS(4), CATEGORICAL), 20_000)[0].var(0).sum()
+    rloo = CATEGORICAL.draws(RLOO(4), 20_000)[0].var(0).sum()
+    assert carms < 0.95 * rloo
+
+
+def test_double_cv_learns_alpha_to_cut_rloos_variance():
+    """From alpha = 0 (RLOO), the variance tuning under Table 1's plain SGD at hundreds of nats must move alpha and
+    cut the logit-gradient variance well below RLOO's."""
+    torch.manual_seed(25)
+    estimator = bound(DoubleControlVariate(4), BERNOULLI)
+
+    def variance() -> float:
+        logits = BERNOULLI.logits.expand(4000, -1, -1).clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(estimator(logits, ScaledObjective(4, 2, 4000)).surrogate.sum(), logits)
+        return grad.var(0).sum().item()
+
+    before = variance()
+    optimiser = torch.optim.SGD(estimator.parameters(), lr=1e-1, momentum=0.9)
+    for _ in range(100):
+        optimiser.zero_grad()
+        logits = BERNOULLI.logits.expand(256, -1, -1).clone().requires_grad_(True)
+        estimator(logits, ScaledObjective(4, 2, 256)).surrogate.mean().backward()
+        optimiser.step()
+    assert torch.isfinite(estimator.alpha) and estimator.alpha.item() < -0.3
+    assert variance() < 0.7 * before
+
+
+def test_decoupled_st_at_unit_temperatures_is_st_gumbel_softmax_draw_for_draw():
+    logits = torch.randn(64, 5, 4)
+    objective = ToyObjective(5, 4, 64)
+    results = []
+    for estimator in (STGumbelSoftmax(1.0), DecoupledSTGumbelSoftmax(1.0, 1.0)):
+        torch.manual_seed(26)
+        leaf = logits.clone().requires_grad_(True)
+        estimate = estimator(leaf, objective)
+        results.append((estimate.z.detach(), torch.autograd.grad(estimate.surrogate.sum(), leaf)[0]))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_decoupled_st_at_equal_temperatures_tempers_the_logits():
+    """tau_forward = tau_backward = tau: ST-GS at tau = 1 on logits / tau (the paper's convention), same noise."""
+    logits = torch.randn(64, 5, 4)
+    objective = ToyObjective(5, 4, 64)
+    results = []
+    for estimator, scale in ((STGumbelSoftmax(1.0), 0.4), (DecoupledSTGumbelSoftmax(0.4, 0.4), 1.0)):
+        torch.manual_seed(27)
+        leaf = logits.clone().requires_grad_(True)
+        estimate = estimator(leaf / scale, objective)
+        results.append((estimate.z.detach(), torch.autograd.grad(estimate.surrogate.sum(), leaf)[0]))
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_decoupled_st_samples_the_forward_temperature_and_differentiates_the_backward_one():
+    torch.manual_seed(28)
+    logits = torch.tensor([[[2.0, 1.0, 0.5, -0.5]]]).expand(200_000, 1, 4).clone().requires_grad_(True)
+    for tau_forward in (0.5, 2.0):
+        z = DecoupledSTGumbelSoftmax(tau_forward, 0.7)(logits, lambda z: z.sum((-1, -2))).z
+        frequency = z.detach()[:, 0].mean(0)
+        expected = torch.softmax(logits[0, 0].detach() / tau_forward, -1)
+        assert (frequency - expected).abs().max() < 0.004
+    # the backward pass: d z / d logits of softmax(l / tau_b + g) has the 1 / tau_b of its Jacobian
+    weights = torch.randn(4)
+    gradients = {}
+    for tau_backward in (0.5, 1.0):
+        torch.manual_seed(29)
+        leaf = logits[:1000].detach().clone().requires_grad_(True)
+        estimate = DecoupledSTGumbelSoftmax(1.0, tau_backward)(leaf, lambda z: (z * weights).sum((-1, -2)))
+        gradients[tau_backward] = torch.autograd.grad(estimate.surrogate.sum(), leaf)[0]
+    assert gradients[0.5].abs().sum() != gradients[1.0].abs().sum()
+
+
+def test_a_schedule_can_set_decoupled_sts_forward_temperature():
+    class Module:
+        estimator = DecoupledSTGumbelSoftmax(1.0, 0.8)
+
+        def modules(self):
+            return [self.estimator]
+
+        def log(self, *args, **kwargs):
+            pass
+
+    module = Module()
+    schedule = JangExponentialTemperature(tau0=1.0, tau_min=0.5, rate=1e-3, every=100, attribute="tau_forward")
+    schedule.on_train_start(None, module)
+    trainer = SimpleNamespace(global_step=300, _logger_connector=SimpleNamespace(should_update_logs=False))
+    schedule.on_train_batch_start(trainer, module, None, 0)
+    assert module.estimator.tau_forward == pytest.approx(math.exp(-0.3)) and module.estimator.tau == 0.8
+    with pytest.raises(ValueError, match=r"estimator\.tau_forward must be a positive finite number"):
+        DecoupledSTGumbelSoftmax(tau_forward=0.0)
+    with pytest.raises(ValueError, match=r"estimator\.tau_backward must be a positive finite number"):
+        DecoupledSTGumbelSoftmax(tau_backward=-1.0)

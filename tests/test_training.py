@@ -143,7 +143,8 @@ def test_multirun_jobs_have_their_own_outputs_and_wandb_runs(tmp_path):
     assert len(run_ids) == 2
 
 
-NEEDS = {"arm": ["model.n_classes=2"], "disarm": ["model.n_classes=2"], "exact": ["model.n_vars=3"],
+NEEDS = {"arm": ["model.n_classes=2"], "double_cv": ["model.n_classes=2"], "disarm": ["model.n_classes=10"],
+         "exact": ["model.n_vars=3"],
          "slope_annealed_st": ["schedule=slope_linear", "schedule.rate=0.5", "schedule.every=1"]}
 
 

@@ -20,35 +20,37 @@ log = logging.getLogger(__name__)
 
 
 class TemperatureSchedule(pl.Callback):
-    """Sets the temperature ``tau`` of every estimator held by the model (one, or one per stochastic layer)
-    from the global step before every training batch and logs ``pl_module.estimator.tau`` as ``tau``.
-    Estimators without a temperature are left alone (nothing is logged).
+    """Sets the temperature ``tau`` (or the estimator attribute named by ``attribute``, e.g. ``tau_forward``) of
+    every estimator held by the model (one, or one per stochastic layer) from the global step before every
+    training batch and logs it under that name. Estimators without the attribute are left alone (nothing is
+    logged).
 
     Subclasses define :meth:`value`; the step comes from the trainer, never from ``batch_idx``
     (which restarts every epoch), so a resumed run continues the same curve.
     """
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, attribute: str = "tau"):
+        self.name, self.attribute = name, attribute
 
     def value(self, step: int) -> float | None:
         """Temperature at global step ``step``; None keeps the estimator's own value."""
         raise NotImplementedError
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.estimators = [m for m in pl_module.modules() if isinstance(m, Estimator) and hasattr(m, "tau")]
+        self.estimators = [m for m in pl_module.modules() if isinstance(m, Estimator) and hasattr(m, self.attribute)]
         self.applied: float | None = None  # the value last set, so that an unchanged one is not set again
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
-        if not hasattr(pl_module.estimator, "tau"):
+        if not hasattr(pl_module.estimator, self.attribute):
             return
         tau = self.value(trainer.global_step)
         if tau is not None and tau != self.applied:
             for estimator in self.estimators:
-                estimator.tau = tau
+                setattr(estimator, self.attribute, tau)
             self.applied = tau
         if written_this_step(trainer):
-            pl_module.log("tau", float(pl_module.estimator.tau), on_step=True, on_epoch=False)
+            pl_module.log(self.attribute, float(getattr(pl_module.estimator, self.attribute)), on_step=True,
+                          on_epoch=False)
 
 
 class ConstantTemperature(TemperatureSchedule):
@@ -65,8 +67,8 @@ class SteppedSchedule(TemperatureSchedule):
     """A schedule of the global step held constant for ``every`` steps: value(step) = at(t) with
     t = every * floor(step / every), and a non-negative ``rate`` of change per step."""
 
-    def __init__(self, name: str, rate: float, every: int):
-        super().__init__(name)
+    def __init__(self, name: str, rate: float, every: int, attribute: str = "tau"):
+        super().__init__(name, attribute)
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
             raise ValueError(f"schedule.rate must be a finite number >= 0, got {rate!r}")
         self.rate, self.every = float(rate), check_integer("schedule.every", every)
@@ -82,8 +84,8 @@ class JangExponentialTemperature(SteppedSchedule):
     """Jang et al. (2017, Section 4.2): tau = max(tau_min, tau0 * exp(-r t)), recomputed every N steps."""
 
     def __init__(self, tau0: float = 1.0, tau_min: float = 0.5, rate: float = 1e-4, every: int = 1000,
-                 name: str = "jang_exp"):
-        super().__init__(name, rate, every)
+                 name: str = "jang_exp", attribute: str = "tau"):
+        super().__init__(name, rate, every, attribute)
         check_temperature(tau0, "schedule.tau0")
         check_temperature(tau_min, "schedule.tau_min")
         self.tau0, self.tau_min = float(tau0), float(tau_min)

@@ -94,6 +94,24 @@ def gumbel_softmax(logits: Tensor, tau: float | Tensor = 1.0, hard: bool = False
     return y.to(logits.dtype)
 
 
+def decoupled_gumbel_softmax(logits: Tensor, tau_forward: float | Tensor = 1.0, tau_backward: float | Tensor = 1.0,
+                             generator: torch.Generator | None = None) -> Tensor:
+    """Decoupled straight-through Gumbel-Softmax (Shah et al. 2024): one Gumbel draw g, the forward value
+    one_hot(argmax(logits / tau_forward + g)) (a sample of softmax(logits / tau_forward)) and the gradient of
+    softmax(logits / tau_backward + g). The temperatures divide the logits, not the noise (the paper's convention):
+    at tau_forward = tau_backward = 1 it is ``gumbel_softmax(logits, 1, hard=True)`` with the same noise, and at
+    equal temperatures tau that of ``logits / tau``. Safe for -inf (masked) classes and huge logits.
+    """
+    check_temperature(tau_forward, "tau_forward")
+    check_temperature(tau_backward, "tau_backward")
+    noise = gumbel_noise(logits.shape, logits.device, generator)
+    logits = logits.float()
+    hard = one_hot_argmax(logits.detach() / tau_forward + noise)
+    scores = logits / tau_backward + noise
+    soft = F.softmax(scores - scores.amax(dim=-1, keepdim=True).detach(), dim=-1)
+    return straight_through(hard, soft)
+
+
 def categorical_log_prob(logits: Tensor, z: Tensor) -> Tensor:
     """log q(z) = sum_n log softmax(logits_n)[k_n] for one-hot z (..., N, K) -> (...).
 

@@ -1,4 +1,5 @@
-"""Relaxed and straight-through estimators: Gumbel-Softmax, ST Gumbel-Softmax, ST, Gumbel-Rao, ReinMax, GST, ZGR."""
+"""Relaxed and straight-through estimators: Gumbel-Softmax, ST Gumbel-Softmax, decoupled ST Gumbel-Softmax, ST,
+Gumbel-Rao, ReinMax, GST, ZGR."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from catvae.estimators.base import Estimate, Estimator, Objective, TemperatureEstimator
-from catvae.relaxations import conditional_gumbel, gumbel_softmax, sample_categorical, straight_through
+from catvae.relaxations import (check_temperature, conditional_gumbel, decoupled_gumbel_softmax, gumbel_softmax,
+                                sample_categorical, straight_through)
 from catvae.validation import check_integer
 
 
@@ -38,6 +40,47 @@ class STGumbelSoftmax(GumbelSoftmax):
 
     name = "st_gumbel_softmax"
     hard = True
+
+
+class DecoupledSTGumbelSoftmax(TemperatureEstimator):
+    """Decoupled ST Gumbel-Softmax (Shah et al. 2024): :func:`~catvae.relaxations.decoupled_gumbel_softmax`, a
+    one-hot forward sample of softmax(logits / tau_forward) and the gradient of softmax(logits / tau_backward + g)
+    with the same noise g. ``tau`` is tau_backward (the temperature schedules set ``tau``, as for every ST
+    estimator; a schedule with ``attribute: tau_forward`` sets the other). With both at 1 it is
+    ``st_gumbel_softmax`` at tau = 1, draw for draw. For tau_forward != 1 the samples are not drawn from
+    q = softmax(logits): the objective is then evaluated under the tempered distribution, while the model's KL
+    term stays that of q (as in the paper). One objective evaluation.
+    """
+
+    name = "decoupled_st"
+
+    def __init__(self, tau_forward: float = 1.0, tau_backward: float = 1.0, name: str | None = None,
+                 optim: dict | None = None):
+        check_temperature(tau_backward, "estimator.tau_backward")
+        super().__init__(tau_backward, name, optim)
+        self.tau_forward = tau_forward
+
+    @property
+    def tau_forward(self) -> float:
+        return self._tau_forward
+
+    @tau_forward.setter
+    def tau_forward(self, value: float) -> None:
+        check_temperature(value, "estimator.tau_forward")
+        self._tau_forward = float(value)
+
+    @property
+    def tau_backward(self) -> float:
+        return self.tau
+
+    def forward(self, logits: Tensor, objective: Objective, context: Tensor | None = None) -> Estimate:
+        self.check_logits(logits)
+        z = decoupled_gumbel_softmax(logits, self.tau_forward, self.tau).to(logits.dtype)  # (B, N, K)
+        loss = objective(z)  # (B,)
+        return Estimate(loss=loss, surrogate=loss, z=z)
+
+    def extra_repr(self) -> str:
+        return f"tau_forward={self.tau_forward:g}, tau_backward={self.tau:g}"
 
 
 class StraightThroughEstimator(Estimator):
