@@ -119,9 +119,11 @@ class Campaign:
     docstring). ``overrides`` are appended to every run's (tests shrink the runs with them)."""
 
     def __init__(self, jobs: list[Job], directory: Path, records: Path, n_jobs: int = 2,
-                 overrides: tuple[str, ...] = (), code: Path = ROOT, poll_s: float = 10.0):
+                 overrides: tuple[str, ...] = (), code: Path = ROOT, poll_s: float = 10.0,
+                 launch_until: float | None = None):
         self.jobs, self.directory, self.records, self.n_jobs = jobs, directory, records, n_jobs
         self.overrides, self.code, self.poll_s = tuple(overrides), code, poll_s
+        self.launch_until = launch_until  # a time (epoch s) after which no part starts; running ones finish
         self.commit = commit_of(code)
         self.processes: dict[str, subprocess.Popen] = {}
         self.reported: set[str] = set()
@@ -174,7 +176,7 @@ class Campaign:
                 print(f"[campaign] {job.key}: FAILED twice, left (see its parts' status.json)", flush=True)
         running = sum(state == "running" for state in states.values())
         for job in self.jobs:
-            if running >= self.n_jobs:
+            if running >= self.n_jobs or (self.launch_until is not None and time.time() >= self.launch_until):
                 break
             if states[job.key] == "todo":
                 self.launch(job)
@@ -182,7 +184,8 @@ class Campaign:
         return running > 0 or bool(self.processes)
 
     def run(self) -> dict[str, int]:
-        """Until every job is done or failed; returns the count of jobs per state."""
+        """Until every job is done or failed (or, past ``launch_until``, until the running parts end); returns the
+        count of jobs per state."""
         self.directory.mkdir(parents=True, exist_ok=True)
         with (self.directory / ".lock").open("w") as lock:
             try:

@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -292,6 +293,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                       "under this directory; killed, it continues when run again")
     parser.add_argument("--records", type=Path, default=ROOT / "docs" / "reproduction" / "full",
                         help="where --campaign writes one JSON record per finished run")
+    parser.add_argument("--launch-until", type=datetime.fromisoformat, metavar="TIME",
+                        help="with --campaign: start no run after this time (ISO 8601, e.g. 2026-12-02T09:00+00:00), "
+                             "let the running ones finish, then stop: for a machine that goes away at a known time")
     parser.add_argument("--table-from", type=Path, help="print full-length Table 1 from these records, run nothing")
     parser.add_argument("--page", type=Path, help="with --table-from: also write the table into this page, between its "
                                                   "<!-- full-table1 --> markers (docs/reproduction.md)")
@@ -338,7 +342,9 @@ def main(argv: list[str] | None = None) -> None:
             return
         rows = [r for r in campaign.FULL_ROWS if r in args.rows]
         jobs = campaign.table1_jobs(rows, [c for c in TABLE1_COLUMNS if c in args.columns], args.seeds)
-        counts = campaign.Campaign(jobs, args.campaign, args.records, args.n_jobs, tuple(args.overrides)).run()
+        until = args.launch_until.timestamp() if args.launch_until else None
+        counts = campaign.Campaign(jobs, args.campaign, args.records, args.n_jobs, tuple(args.overrides),
+                                   launch_until=until).run()
         print(f"[campaign] {len(jobs)} jobs: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
         if counts.get("failed"):
             raise SystemExit(1)

@@ -83,6 +83,14 @@ def test_a_failing_run_is_retried_once_then_reported(tmp_path):
     assert not (tmp_path / "records").exists()
 
 
+def test_past_its_launch_time_a_campaign_starts_nothing_and_stops(tmp_path):
+    jobs = campaign.table1_jobs(["vae_cat"], ["gumbel_softmax"], [0], sensitivity=())
+    run = campaign.Campaign(jobs, tmp_path / "campaign", tmp_path / "records", 2, TINY, poll_s=0.2,
+                            launch_until=time.time() - 1)
+    assert run.run() == {"todo": 1}
+    assert not campaign.parts_of(tmp_path / "campaign" / jobs[0].key)
+
+
 def record(row, column, seed, value, epoch=90, parts=1):
     return {"row": row, "column": column, "seed": seed, "lr": 0.003, "global_step": 50000, "metric": "test/nll_iw",
             "test": {"test/nll_iw": value}, "best_validation": {"metric": "val/nelbo", "value": value + 5,
