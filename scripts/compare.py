@@ -13,7 +13,10 @@ a multirun directory holds run directories. Writes to ``--out`` (default: the fi
   seeds), ``nll_vs_tau.png`` (test/nll_iw against tau, error bars = std over seeds; estimators without a
   temperature as horizontal lines), ``grad_variance.png`` (the run's estimator's gradient variance against
   steps, from callbacks=grad_diagnostics), ``grad_panel.png`` (per run with a diagnostics panel: the gradient
-  variance of every estimator measured at that run's parameters, and the reference's).
+  variance of every estimator measured at that run's parameters, and the reference's);
+- ``panel.csv`` / ``panel.md`` (runs with callbacks=grad_diagnostics): per run, diagnostic step and measured
+  estimator, its objective evaluations per estimate and var, var_x_evals (the equal-work variance), snr, cos, bias,
+  bias_se of the encoder's gradient; panel.md shows each run's last diagnostic, lowest var_x_evals first.
 """
 
 from __future__ import annotations
@@ -235,12 +238,64 @@ def plot_nll_vs_tau(summary: list[dict], path: Path) -> bool:
     return True
 
 
+def measured(run: Run) -> list[str]:
+    """The estimators (and ``reference``) whose gradient variance the run's diagnostics logged."""
+    return sorted(key.split("/")[1] for key in (run.rows[0] if run.rows else {})
+                  if key.startswith("grad/") and key.endswith("/var") and key.count("/") == 2 and run.series(key))
+
+
+PANEL_STATS = ("var", "var_x_evals", "snr", "cos", "bias", "bias_se")
+PANEL_COLUMNS = ("run", "trained by", "tau", "seed", "step", "estimator", "evaluations", *PANEL_STATS)
+
+
+def panel_rows(runs: list[Run]) -> list[dict]:
+    """One row per run, diagnostic step and measured estimator (the reference has no evaluations count)."""
+    rows = []
+    for run in runs:
+        for name in measured(run):
+            if name == "reference":
+                continue
+            series = {stat: dict(run.series(f"grad/{name}/{stat}")) for stat in PANEL_STATS}
+            for step, var in sorted(series["var"].items()):
+                row = {"run": run.directory.name, "trained by": run.estimator, "tau": run.tau, "seed": run.seed,
+                       "step": step, "estimator": name, **{stat: series[stat].get(step) for stat in PANEL_STATS}}
+                row["evaluations"] = round(row["var_x_evals"] / var) if row["var_x_evals"] is not None and var else None
+                rows.append(row)
+    return rows
+
+
+def panel_markdown(rows: list[dict]) -> str:
+    """Each run's last diagnostic as a table, lowest var_x_evals first (rows as panel.csv gives them)."""
+    lines = ["| trained by | step | estimator | evaluations | var | var x evals | snr | cos | bias | bias_se |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    last = {}
+    for row in rows:
+        last[row["run"]] = max(last.get(row["run"], 0), int(row["step"]))
+    chosen = [r for r in rows if int(r["step"]) == last[r["run"]]]
+    def number(value) -> str:
+        return "-" if value in (None, "") else f"{float(value):.3g}"
+
+    for row in sorted(chosen, key=lambda r: (r["run"], float(r["var_x_evals"] or math.inf))):
+        tau = "" if row["tau"] in (None, "") else f" (tau {float(row['tau']):g})"
+        lines.append(f"| {row['trained by']}{tau}, seed {row['seed']} | {row['step']} | {row['estimator']} | "
+                     f"{row['evaluations'] or '-'} | " + " | ".join(number(row[key]) for key in PANEL_STATS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_panel(runs: list[Run], out: Path) -> bool:
+    rows = panel_rows(runs)
+    if not rows:
+        return False
+    with (out / "panel.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, PANEL_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "panel.md").write_text(panel_markdown(rows))
+    return True
+
+
 def plot_panels(runs: list[Run], path: Path, most: int = 12) -> bool:
     """Per run with a diagnostics panel: every measured estimator's gradient variance at that run's parameters."""
-    def measured(run: Run) -> list[str]:
-        return sorted(key.split("/")[1] for key in (run.rows[0] if run.rows else {})
-                      if key.startswith("grad/") and key.endswith("/var") and key.count("/") == 2
-                      and run.series(key))
     panels = [(run, names) for run in runs if len(names := measured(run)) > 1][:most]
     if not panels:
         return False
@@ -278,6 +333,7 @@ def compare(paths: list[Path], out: Path) -> dict:
         "grad_variance.png": plot_curves(runs, lambda name: f"grad/{name}/var", "gradient variance (encoder)",
                                          out / "grad_variance.png", log_y=True),
         "grad_panel.png": plot_panels(runs, out / "grad_panel.png"),
+        "panel.csv": write_panel(runs, out),
     }
     return {"runs": runs, "summary": summary, "figures": figures}
 

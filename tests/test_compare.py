@@ -51,6 +51,25 @@ def test_compare_writes_the_tables_and_every_figure(sweep, tmp_path):
         assert (tmp_path / "out" / figure).read_bytes()[:8] == PNG_MAGIC, figure
 
 
+def test_compare_writes_the_equal_work_panel(sweep, tmp_path):
+    """panel.csv: every run x diagnostic step x measured estimator, with evaluations = var_x_evals / var (rloo S = 4:
+    4, the relaxed estimators: 1); panel.md is each run's last diagnostic, as panel_markdown gives it from the CSV."""
+    done = script("compare.py", sweep, "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    with open(tmp_path / "out" / "panel.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {(r["estimator"], r["evaluations"]) for r in rows} == {("gumbel_softmax", "1"), ("st_gumbel_softmax", "1"),
+                                                                  ("rloo", "4")}
+    assert len({r["run"] for r in rows}) == 4 and {r["step"] for r in rows} == {"0", "4", "8", "12"}
+    for row in rows:
+        assert float(row["var_x_evals"]) == pytest.approx(float(row["var"]) * int(row["evaluations"]))
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare
+
+    table = (tmp_path / "out" / "panel.md").read_text()
+    assert table == compare.panel_markdown(rows) and table.count("\n") == 2 + 4 * 2  # header + 4 runs x 2
+
+
 def test_compare_lists_unfinished_runs(sweep, tmp_path):
     copy = tmp_path / "sweep"
     shutil.copytree(sweep, copy)
