@@ -89,6 +89,16 @@ def commit_of(code: Path) -> str:
     return done.stdout.strip() + ("+uncommitted" if dirty else "") if done.returncode == 0 else "unknown"
 
 
+def device_description() -> str:
+    """This machine as a record names it: 'cpu (<model>, <n> cores)'."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("model name")), model)
+    return f"cpu ({model}, {os.cpu_count()} cores)"
+
+
 def parts_of(job_dir: Path) -> list[Path]:
     return sorted(job_dir.glob("part*"), key=lambda p: int(p.name[4:]))
 
@@ -157,6 +167,7 @@ class Campaign:
         self.processes[job.key] = process
         (part / "campaign.json").write_text(json.dumps(
             {"commit": self.commit, "started": started, "command": command, "threads": 1, "pid": process.pid,
+             "device": device_description(),
              "host": socket.gethostname(), "process_start": process_start(process.pid)}, indent=2) + "\n")
         print(f"[campaign] {job.key}: started {part.name}" + (f", resuming {resume}" if resume else ""), flush=True)
 
@@ -234,7 +245,8 @@ def write_record(job: Job, job_dir: Path, path: Path) -> dict:
         "validation_curve": [curve[e] for e in sorted(curve)],
         "tested_checkpoint": Path(results["tested_checkpoint"]).name if results.get("tested_checkpoint") else None,
         "wall_time_s": round(sum(part_wall_time(p) for p in parts), 1), "threads": launches[-1]["threads"],
-        "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
+        # each part's machine (launch records before this field: this machine's)
+        "device": "; ".join(sorted({launch.get("device", device_description()) for launch in launches})),
         "parts": len(parts), "resumed": len(parts) > 1,
         "resumed_from": [str(Path(p).relative_to(job_dir.parent.parent.parent)) for p in results.get("chain", [])]
         if results.get("chain") else [],
