@@ -9,9 +9,9 @@ a multirun directory holds run directories. Writes to ``--out`` (default: the fi
 - ``summary.md`` / ``summary.csv``: per estimator and tau, the number of seeds and mean +- std over seeds of
   test/nll_iw, test/nelbo, the best val/nelbo, the last logged gradient variance, training steps and wall time;
 - ``runs.csv``: one row per run, failed (with the error from its status.json) and unfinished runs included;
-- ``val_nelbo.png`` (validation -ELBO against steps, one panel per estimator, a line per tau, band = min..max over
-  seeds), ``nll_vs_tau.png`` (test/nll_iw against tau, error bars = std over seeds; estimators without a
-  temperature as horizontal lines), ``grad_variance.png`` (the run's estimator's gradient variance against
+- ``val_nelbo.png`` (validation -ELBO against steps, one panel per estimator, a line per tau (an annealed run: its
+  schedule and final tau), band = min..max over seeds), ``nll_vs_tau.png`` (test/nll_iw against tau, error bars =
+  std over seeds where there are several; estimators without a temperature as horizontal lines), ``grad_variance.png`` (the run's estimator's gradient variance against
   steps, from callbacks=grad_diagnostics), ``grad_panel.png`` (per run with a diagnostics panel: the gradient
   variance of every estimator measured at that run's parameters, and the reference's);
 - ``panel.csv`` / ``panel.md`` (runs with callbacks=grad_diagnostics): per run, diagnostic step and measured
@@ -51,6 +51,7 @@ class Run:
     # finished | failed (status.json says why) | interrupted (killed: status.json says running, its process is gone)
     # | running (its process is alive, or on another host) | unfinished (no results and no status to tell why)
     status: str
+    schedule: str = "constant"  # the temperature schedule's name: a run's tau is its last value under it
     metrics: dict[str, float] = field(default_factory=dict)
     rows: list[dict[str, str]] = field(default_factory=list)
     error: str | None = None
@@ -86,8 +87,10 @@ def load_run(directory: Path) -> Run:
     state = run_state(recorded)
     status = "finished" if results else (state if state in ("failed", "interrupted", "running") else "unfinished")
     recorded = recorded or {}
-    run = Run(directory, estimator, tau, int(config.seed), status, dict(results.get("metrics", {})), rows,
-              " ".join(recorded["error"].split()) if recorded.get("error") else None)
+    schedule = OmegaConf.select(config, "schedule.name") or "constant"
+    error = " ".join(recorded["error"].split()) if recorded.get("error") else None
+    run = Run(directory, estimator, tau, int(config.seed), status, schedule, dict(results.get("metrics", {})), rows,
+              error)
     if results:
         run.metrics["steps"] = results["global_step"]
         run.metrics["wall time (min)"] = results["wall_time_s"] / 60
@@ -175,6 +178,13 @@ def by_estimator(runs: list[Run]) -> dict[str, dict[float | None, list[Run]]]:
     return grouped
 
 
+def tau_label(tau: float | None, schedule: str) -> str:
+    """A legend entry for a run's temperature: fixed, annealed by its schedule to a final value, or none."""
+    if tau is None:
+        return "no temperature"
+    return f"tau={tau:g}" if schedule == "constant" else f"{schedule}, final tau={tau:g}"
+
+
 def plot_curves(runs: list[Run], key_of, ylabel: str, path: Path, log_y: bool = False) -> bool:
     """One panel per estimator, one line per tau (mean over seeds at the steps all seeds share, band min..max)."""
     grouped = {name: taus for name, taus in by_estimator(runs).items()
@@ -193,7 +203,7 @@ def plot_curves(runs: list[Run], key_of, ylabel: str, path: Path, log_y: bool = 
             if not steps:
                 continue
             values = [[s[step] for s in series] for step in steps]
-            label = "no tau" if tau is None else f"tau={tau:g}"
+            label = tau_label(tau, members[0].schedule)
             line, = ax.plot(steps, [statistics.fmean(v) for v in values], label=f"{label} ({len(members)} seeds)")
             if len(members) > 1:
                 ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2,
@@ -211,6 +221,11 @@ def plot_curves(runs: list[Run], key_of, ylabel: str, path: Path, log_y: bool = 
     return True
 
 
+def seeds_text(rows: list[dict]) -> str:
+    counts = sorted({r["seeds"] for r in rows})
+    return f"{'-'.join(map(str, counts))} seed{'s' if counts[-1] > 1 else ''}"
+
+
 def plot_nll_vs_tau(summary: list[dict], path: Path) -> bool:
     rows = [r for r in summary if not math.isnan(r["test/nll_iw"][0])]
     if not rows:
@@ -221,11 +236,13 @@ def plot_nll_vs_tau(summary: list[dict], path: Path) -> bool:
         color = plt.get_cmap("tab10")(index % 10)
         mine = sorted((r for r in rows if r["estimator"] == name), key=lambda r: r["tau"] or 0)
         if mine[0]["tau"] is None:
-            ax.axhline(mine[0]["test/nll_iw"][0], linestyle="--", linewidth=1, color=color, label=f"{name} (no tau)")
+            ax.axhline(mine[0]["test/nll_iw"][0], linestyle="--", linewidth=1, color=color,
+                       label=f"{name} (no temperature, {seeds_text(mine)})")
             continue
-        std = [0.0 if math.isnan(r["test/nll_iw"][1]) else r["test/nll_iw"][1] for r in mine]
-        ax.errorbar([r["tau"] for r in mine], [r["test/nll_iw"][0] for r in mine], yerr=std, marker="o",
-                    capsize=3, color=color, label=name)
+        several = all(r["seeds"] > 1 for r in mine)  # error bars only where there is a spread over seeds
+        ax.errorbar([r["tau"] for r in mine], [r["test/nll_iw"][0] for r in mine], marker="o", capsize=3,
+                    yerr=[r["test/nll_iw"][1] for r in mine] if several else None, color=color,
+                    label=f"{name} ({seeds_text(mine)}{', bars: std' if several else ''})")
     if taus:
         ax.set_xscale("log")
         ax.set_xticks(taus, [f"{t:g}" for t in taus])

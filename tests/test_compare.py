@@ -118,3 +118,22 @@ def test_figure1_and_the_mean_soft_sample_table(tmp_path):
 def test_figures_rejects_bad_probabilities(tmp_path):
     done = script("figures.py", "--out", tmp_path, "--probs", "0.5", "0.6")
     assert done.returncode != 0 and "--probs must be >= 2 positive numbers summing to 1" in done.stderr
+
+
+def test_legends_name_an_annealed_temperature_and_show_no_error_bars_over_one_seed(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare
+
+    assert compare.tau_label(0.5, "jang_exp") == "jang_exp, final tau=0.5"
+    assert compare.tau_label(1.0, "constant") == "tau=1"
+    assert compare.tau_label(None, "constant") == "no temperature"
+    drawn = []
+    original = compare.plt.Axes.errorbar
+    monkeypatch.setattr(compare.plt.Axes, "errorbar",
+                        lambda ax, *args, **kwargs: drawn.append(kwargs) or original(ax, *args, **kwargs))
+    one_seed = [{"estimator": "gumbel_softmax", "tau": t, "seeds": 1, "test/nll_iw": (100.0 + t, float("nan"))}
+                for t in (0.5, 1.0)]
+    three = [dict(r, seeds=3, **{"test/nll_iw": (100.0, 1.5)}) for r in one_seed]
+    assert compare.plot_nll_vs_tau(one_seed, tmp_path / "one.png") and compare.plot_nll_vs_tau(three, tmp_path / "3.png")
+    assert drawn[0]["yerr"] is None and drawn[0]["label"] == "gumbel_softmax (1 seed)"
+    assert drawn[1]["yerr"] == [1.5, 1.5] and drawn[1]["label"] == "gumbel_softmax (3 seeds, bars: std)"
