@@ -1,6 +1,9 @@
-"""The README's commands are the ones CI and the Dockerfile run; documented names exist."""
+"""The README's commands are the ones CI and the Dockerfile run; documented names exist; documented tables are what
+their committed CSVs give."""
 
+import csv
 import re
+import sys
 
 from conftest import CONF_DIR, ROOT
 
@@ -29,3 +32,15 @@ def test_readme_lists_every_estimator_and_metric():
         assert f"`{path.stem}`" in README, f"estimator {path.stem} is missing from README.md"
     for metric in ("train/loss", "val/nelbo", "test/nelbo", "test/nll_iw", "tau"):
         assert re.search(rf"`{re.escape(metric)}`", README), metric
+
+
+def test_the_equal_work_table_is_what_its_committed_csv_gives():
+    """docs/compare.md's equal-work table is compare.panel_markdown of docs/results/compare_equal_work/panel.csv."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare
+
+    with open(ROOT / "docs" / "results" / "compare_equal_work" / "panel.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    page = (ROOT / "docs" / "compare.md").read_text()
+    shown = re.search(r"<!-- equal-work -->\n(.*?)<!-- /equal-work -->", page, re.S)
+    assert shown and shown.group(1) == compare.panel_markdown(rows)
