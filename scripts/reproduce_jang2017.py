@@ -84,10 +84,12 @@ COLUMNS = {
     "rloo": ("rloo", "RLOO"), "vimco": ("vimco", "VIMCO"), "nvil": ("nvil", "NVIL"), "rebar": ("rebar", "REBAR"),
     "relax": ("relax", "RELAX"), "gumbel_rao": ("gumbel_rao", "Gumbel-Rao"), "gst": ("gst", "GST"),
     "reinmax": ("reinmax", "ReinMax"), "arm": ("arm", "ARM"), "disarm": ("disarm", "DisARM"),
+    "carms": ("carms", "CARMS (S=4)"), "indecater": ("indecater", "IndeCateR"), "zgr": ("zgr", "ZGR"),
+    "decoupled_st": ("decoupled_st", "Decoupled ST"), "double_cv": ("double_cv", "Double CV (S=4)"),
 }
 TABLE1_COLUMNS = ("sf", "darn", "muprop", "st", "annealed_st", "gumbel_softmax", "st_gumbel_softmax")
 TABLE2_COLUMNS = ("marginalization", "gumbel_softmax", "st_gumbel_softmax")
-BINARY_ONLY_COLUMNS = ("arm", "disarm")
+BINARY_ONLY_COLUMNS = ("arm", "double_cv")  # disarm takes K > 2 too
 TEMPERATURE_COLUMNS = ("gumbel_softmax", "st_gumbel_softmax")
 SCHEDULE_GRID = ("schedule.every=500,1000", "schedule.rate=1e-5,1e-4")
 
