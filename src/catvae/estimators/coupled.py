@@ -221,14 +221,23 @@ class CARMS(MultiSampleEstimator):
 
     def pair_probability(self, low: Tensor, high: Tensor, a: Tensor, b: Tensor) -> Tensor:
         """P(z_i = a, z_j = b) for classes a, b (P, B, N): the copula's probability of the rectangle of their
-        intervals, C(h_a, h_b) + C(l_a, l_b) - C(l_a, h_b) - C(h_a, l_b), averaged over the orders."""
-        def at(bounds: Tensor, cls: Tensor) -> Tensor:  # (P, B, N, M): the bound of class cls under each order
-            index = cls[..., None, None].expand(*cls.shape, bounds.shape[-2], 1)
-            return bounds.expand(len(cls), *bounds.shape).gather(-1, index).squeeze(-1)
+        intervals, C(h_a, h_b) + C(l_a, l_b) - C(l_a, h_b) - C(h_a, l_b), averaged over the orders. The bounds' roots
+        x^(1/(n-1)) of :func:`copula_cdf` are taken once, before the classes' bounds are gathered."""
+        batch, n_vars, n_orders, n_classes = low.shape
+        offset = torch.arange(batch * n_vars, device=low.device).view(batch, n_vars) * n_classes
 
-        n, (low_a, high_a, low_b, high_b) = self.n_samples, (at(low, a), at(high, a), at(low, b), at(high, b))
-        return (copula_cdf(high_a, high_b, n) + copula_cdf(low_a, low_b, n) - copula_cdf(low_a, high_b, n)
-                - copula_cdf(high_a, low_b, n)).mean(-1)
+        def roots(bounds: Tensor) -> Tensor:  # (B * N * K, M): one row per variable and class
+            return bounds.transpose(-1, -2).reshape(-1, n_orders) ** (1 / (self.n_samples - 1))
+
+        def at(rows: Tensor, cls: Tensor) -> Tensor:  # (P, B, N, M): the rows of class cls
+            return rows[(offset + cls).reshape(-1)].view(*cls.shape, n_orders)
+
+        def cdf(x: Tensor, y: Tensor) -> Tensor:  # copula_cdf of the roots
+            return (x + y - 1).clamp_min(0) ** (self.n_samples - 1)
+
+        low_roots, high_roots = roots(low), roots(high)
+        low_a, high_a, low_b, high_b = at(low_roots, a), at(high_roots, a), at(low_roots, b), at(high_roots, b)
+        return (cdf(high_a, high_b) + cdf(low_a, low_b) - cdf(low_a, high_b) - cdf(high_a, low_b)).mean(-1)
 
     def forward(self, logits: Tensor, objective: Objective, context: Tensor | None = None) -> Estimate:
         self.check_logits(logits)
