@@ -144,7 +144,8 @@ def format_cell(value: tuple[float, float]) -> str:
     return text if math.isnan(std) else f"{text} +- {std:.2g}"
 
 
-def write_tables(runs: list[Run], summary: list[dict], out: Path) -> None:
+def summary_markdown(runs: list[Run], summary: list[dict]) -> str:
+    """summary.md: the table of :func:`summarise` and the list of unfinished or failed runs."""
     lines = ["| estimator | tau | seeds | " + " | ".join(SUMMARY_METRICS) + " |",
              "|---|---|---|" + "---|" * len(SUMMARY_METRICS)]
     for row in summary:
@@ -157,7 +158,11 @@ def write_tables(runs: list[Run], summary: list[dict], out: Path) -> None:
         lines += [f"- `{r.directory}`: {r.status}; {r.estimator}, tau {r.tau}, seed {r.seed}, "
                   f"last logged step {max((s for s, _ in r.series('train/loss')), default='none')}"
                   + (f"; {r.error}" if r.error else "") for r in unfinished]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(runs: list[Run], summary: list[dict], out: Path) -> None:
+    (out / "summary.md").write_text(summary_markdown(runs, summary))
     with (out / "summary.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["estimator", "tau", "seeds"] + [f"{k} {s}" for k in SUMMARY_METRICS for s in ("mean", "std")])
