@@ -44,3 +44,19 @@ def test_the_equal_work_table_is_what_its_committed_csv_gives():
     page = (ROOT / "docs" / "compare.md").read_text()
     shown = re.search(r"<!-- equal-work -->\n(.*?)<!-- /equal-work -->", page, re.S)
     assert shown and shown.group(1) == compare.panel_markdown(rows)
+
+
+def test_every_runs_table_of_the_docs_is_what_compare_gives_from_its_committed_runs():
+    """A table between <!-- runs: DIR --> and <!-- /runs --> in docs/*.md is summary.md of scripts/compare.py on the
+    run directories committed under docs/results/DIR."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare
+
+    found = 0
+    for page in (ROOT / "docs").glob("*.md"):
+        for directory, shown in re.findall(r"<!-- runs: (\S+) -->\n(.*?)<!-- /runs -->", page.read_text(), re.S):
+            runs = compare.load_runs([ROOT / "docs" / "results" / directory])
+            assert all(run.status == "finished" for run in runs), directory
+            assert shown == compare.summary_markdown(runs, compare.summarise(runs)), (page.name, directory)
+            found += 1
+    assert found >= 1
