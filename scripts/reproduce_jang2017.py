@@ -288,6 +288,18 @@ class Reproduction:
             self.table(results, selected)
 
 
+def grid_markdown(rows: list[dict[str, str]]) -> str:
+    """Rows x columns of a table<N>.csv (or several concatenated): each cell the mean with one decimal, "-" where the
+    column did not run in that row; rows in the table's order, columns in the CSV's."""
+    columns = list(dict.fromkeys(row["column"] for row in rows))
+    cells = {(row["row"], row["column"]): f"{float(row['mean']):.1f}" for row in rows}
+    order = [name for name in ROWS if any(row["row"] == name for row in rows)]
+    lines = ["| row | " + " | ".join(COLUMNS[c][1] for c in columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += [f"| {ROWS[name].label} | " + " | ".join(cells.get((name, c), "-") for c in columns) + " |"
+              for name in order]
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="directory of all runs, commands.txt and table<N>.md/.csv")

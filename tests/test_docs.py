@@ -60,3 +60,15 @@ def test_every_runs_table_of_the_docs_is_what_compare_gives_from_its_committed_r
             assert shown == compare.summary_markdown(runs, compare.summarise(runs)), (page.name, directory)
             found += 1
     assert found >= 1
+
+
+def test_the_table1_grids_of_the_reproduction_page_are_what_their_csvs_give():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import reproduce_jang2017
+
+    page = (ROOT / "docs" / "reproduction.md").read_text()
+    blocks = re.findall(r"<!-- table1-cpu: (\S+) -->\n(.*?)<!-- /table1-cpu -->", page, re.S)
+    assert blocks
+    for name, shown in blocks:
+        with open(ROOT / "docs" / "reproduction" / name) as handle:
+            assert shown == reproduce_jang2017.grid_markdown(list(csv.DictReader(handle))), name
