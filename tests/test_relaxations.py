@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from catvae.relaxations import (categorical_log_prob, conditional_gumbel, gumbel_softmax, kl_to_uniform, one_hot_argmax,
-                                sample_categorical)
+from catvae.relaxations import (categorical_log_prob, conditional_gumbel, decoupled_gumbel_softmax, gumbel_softmax,
+                                kl_to_uniform, one_hot_argmax, sample_categorical)
 
 
 def test_gumbel_max_frequencies_match_softmax():
@@ -164,6 +164,7 @@ SAMPLERS = {
     "gumbel_softmax_hard": lambda logits, g: gumbel_softmax(logits, 0.5, hard=True, sample_shape=(3,), generator=g),
     "sample_categorical": lambda logits, g: sample_categorical(logits, (4,), generator=g),
     "conditional_gumbel": lambda logits, g: conditional_gumbel(logits, one_hot_argmax(logits), (2,), generator=g),
+    "decoupled_gumbel_softmax": lambda logits, g: decoupled_gumbel_softmax(logits, 0.7, 0.4, generator=g),
 }
 
 
