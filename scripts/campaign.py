@@ -235,6 +235,7 @@ def write_record(job: Job, job_dir: Path, path: Path) -> dict:
     curve = validation_curve(parts, row.val_metric)
     best_epoch = min(curve, key=curve.get) if curve else None
     launches = [json.loads((p / "campaign.json").read_text()) for p in parts]
+    this_device = device_description()
     record = {
         "row": job.row, "column": job.column, "seed": job.seed, "lr": job.lr,
         "estimator": results["estimator"], "global_step": results["global_step"],
@@ -246,7 +247,7 @@ def write_record(job: Job, job_dir: Path, path: Path) -> dict:
         "tested_checkpoint": Path(results["tested_checkpoint"]).name if results.get("tested_checkpoint") else None,
         "wall_time_s": round(sum(part_wall_time(p) for p in parts), 1), "threads": launches[-1]["threads"],
         # each part's machine (launch records before this field: this machine's)
-        "device": "; ".join(sorted({launch.get("device", device_description()) for launch in launches})),
+        "device": "; ".join(sorted({launch.get("device") or this_device for launch in launches})),
         "parts": len(parts), "resumed": len(parts) > 1,
         "resumed_from": [str(Path(p).relative_to(job_dir.parent.parent.parent)) for p in results.get("chain", [])]
         if results.get("chain") else [],

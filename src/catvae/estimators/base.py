@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from catvae.relaxations import check_temperature
@@ -36,6 +37,12 @@ class Estimate:
     #: the step). The model divides the closed-form part of the encoder's objective (the analytic KL) by the
     #: same s, so the encoder's whole gradient is rescaled, never turned; 1 for other estimators.
     encoder_scale: Tensor | float = 1.0
+
+
+def masked_as_zero(logits: Tensor) -> Tensor:
+    """``logits`` with masked classes (-inf, or any non-finite value) at 0, for a surrogate sg(g) . logits whose g
+    is 0 there: no 0 * inf = NaN."""
+    return torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits))
 
 
 class Estimator(nn.Module):

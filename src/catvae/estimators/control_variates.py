@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from catvae.estimators.base import Estimate, Estimator, Objective
+from catvae.estimators.base import Estimate, Estimator, Objective, masked_as_zero
 from catvae.models.networks import mlp
 from catvae.relaxations import categorical_log_prob, check_temperature, conditional_gumbel, one_hot_argmax, perturbed_logits
 from catvae.validation import check_integer
@@ -57,8 +57,7 @@ class RelaxedControlVariate(Estimator):
         log_q = categorical_log_prob(logits, b)  # (B,)
         score = (loss.detach() - c_coefficient) * log_q + c_z - c_cond  # (B,)
         (grad_logits,) = torch.autograd.grad(score.sum(), logits, create_graph=True)  # (B, N, K)
-        finite_logits = torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits))  # masked: no 0 * inf
-        surrogate = loss + (grad_logits.detach() * finite_logits).sum((-1, -2))
+        surrogate = loss + (grad_logits.detach() * masked_as_zero(logits)).sum((-1, -2))
         params = [p for p in self.parameters() if p.requires_grad]
         if params:
             score_norms = (b - F.softmax(logits.detach().float(), dim=-1)).pow(2).sum((-1, -2))  # (B,)

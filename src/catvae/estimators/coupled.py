@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from catvae.estimators.base import Estimate, Estimator, Objective
+from catvae.estimators.base import Estimate, Estimator, Objective, masked_as_zero
 from catvae.estimators.score_function import MultiSampleEstimator
 
 
@@ -31,11 +31,6 @@ def as_one_hot(bits: Tensor) -> Tensor:
     return F.one_hot(bits.long(), 2).float()
 
 
-def finite(logits: Tensor) -> Tensor:
-    """The logits with masked classes (-inf) at 0, for a surrogate sg(g) . logits whose g is 0 there (no 0 * inf)."""
-    return torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits)).float()
-
-
 def pairwise_surrogate(f: Tensor, z: Tensor, weight: Tensor, logits: Tensor) -> Tensor:
     """mean_i f(z_i) + sum_n sg(g_n) . logits_n with the pairwise gradient estimate for the logits
 
@@ -47,7 +42,7 @@ def pairwise_surrogate(f: Tensor, z: Tensor, weight: Tensor, logits: Tensor) -> 
     i, j = torch.triu_indices(n, n, 1, device=f.device)
     signal = weight * (f.detach()[i] - f.detach()[j]).to(weight.dtype)[..., None]  # (P, B, N)
     grad = (signal[..., None] * (z[i] - z[j]).to(weight.dtype)).sum(0) / (n * (n - 1))  # (B, N, K)
-    return f.mean(0) + (grad.float() * finite(logits)).sum((-1, -2))
+    return f.mean(0) + (grad.float() * masked_as_zero(logits).float()).sum((-1, -2))
 
 
 class BinaryPairEstimator(Estimator):
@@ -160,10 +155,19 @@ def dirichlet_copula(n: int, shape: tuple[int, ...], device: torch.device | None
     return (1 - d) ** (n - 1)
 
 
+def copula_root(x: Tensor, n: int) -> Tensor:
+    """x^(1/(n-1)): :func:`copula_cdf` in terms of these is max(r_x + r_y - 1, 0)^(n-1)."""
+    return x ** (1 / (n - 1))
+
+
+def copula_cdf_of_roots(root_x: Tensor, root_y: Tensor, n: int) -> Tensor:
+    return (root_x + root_y - 1).clamp_min(0) ** (n - 1)
+
+
 def copula_cdf(x: Tensor, y: Tensor, n: int) -> Tensor:
     """P(u_i <= x, u_j <= y) for two of the n uniforms of :func:`dirichlet_copula`:
     max(x^(1/(n-1)) + y^(1/(n-1)) - 1, 0)^(n-1)."""
-    return (x ** (1 / (n - 1)) + y ** (1 / (n - 1)) - 1).clamp_min(0) ** (n - 1)
+    return copula_cdf_of_roots(copula_root(x, n), copula_root(y, n), n)
 
 
 def pair_orderings(n_classes: int) -> Tensor:
@@ -224,20 +228,19 @@ class CARMS(MultiSampleEstimator):
         intervals, C(h_a, h_b) + C(l_a, l_b) - C(l_a, h_b) - C(h_a, l_b), averaged over the orders. The bounds' roots
         x^(1/(n-1)) of :func:`copula_cdf` are taken once, before the classes' bounds are gathered."""
         batch, n_vars, n_orders, n_classes = low.shape
+        n = self.n_samples
         offset = torch.arange(batch * n_vars, device=low.device).view(batch, n_vars) * n_classes
 
         def roots(bounds: Tensor) -> Tensor:  # (B * N * K, M): one row per variable and class
-            return bounds.transpose(-1, -2).reshape(-1, n_orders) ** (1 / (self.n_samples - 1))
+            return copula_root(bounds.transpose(-1, -2).reshape(-1, n_orders), n)
 
         def at(rows: Tensor, cls: Tensor) -> Tensor:  # (P, B, N, M): the rows of class cls
             return rows[(offset + cls).reshape(-1)].view(*cls.shape, n_orders)
 
-        def cdf(x: Tensor, y: Tensor) -> Tensor:  # copula_cdf of the roots
-            return (x + y - 1).clamp_min(0) ** (self.n_samples - 1)
-
         low_roots, high_roots = roots(low), roots(high)
         low_a, high_a, low_b, high_b = at(low_roots, a), at(high_roots, a), at(low_roots, b), at(high_roots, b)
-        return (cdf(high_a, high_b) + cdf(low_a, low_b) - cdf(low_a, high_b) - cdf(high_a, low_b)).mean(-1)
+        return (copula_cdf_of_roots(high_a, high_b, n) + copula_cdf_of_roots(low_a, low_b, n)
+                - copula_cdf_of_roots(low_a, high_b, n) - copula_cdf_of_roots(high_a, low_b, n)).mean(-1)
 
     def forward(self, logits: Tensor, objective: Objective, context: Tensor | None = None) -> Estimate:
         self.check_logits(logits)

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from catvae.estimators.base import Estimate, Estimator, Objective
+from catvae.estimators.base import Estimate, Estimator, Objective, masked_as_zero
 from catvae.estimators.baselines import Baseline, MovingAverageBaseline
 from catvae.relaxations import categorical_log_prob, sample_categorical
 from catvae.validation import check_integer
@@ -263,8 +263,7 @@ class DoubleControlVariate(MultiSampleEstimator):
         rloo = leave_one_out(loss.detach().float())  # (B, N)
         second = leave_one_out((others * score).sum(-1)) - grads.mean(0) * theta * (1 - theta)  # per unit alpha
         grad_phi = rloo + self.alpha.detach() * second
-        finite_phi = torch.where(torch.isfinite(phi), phi, torch.zeros_like(phi))  # masked class: no 0 * inf
-        surrogate = loss.mean(0) + (grad_phi * finite_phi).sum(-1)
+        surrogate = loss.mean(0) + (grad_phi * masked_as_zero(phi)).sum(-1)
         if self.alpha.requires_grad and torch.is_grad_enabled():
             variance = (rloo + self.alpha * second).pow(2).sum() / rloo.pow(2).sum().clamp_min(
                 torch.finfo(rloo.dtype).tiny)
