@@ -833,6 +833,10 @@ def test_a_schedule_can_set_decoupled_sts_forward_temperature():
     trainer = SimpleNamespace(global_step=300, _logger_connector=SimpleNamespace(should_update_logs=False))
     schedule.on_train_batch_start(trainer, module, None, 0)
     assert module.estimator.tau_forward == pytest.approx(math.exp(-0.3)) and module.estimator.tau == 0.8
+    wrong = JangExponentialTemperature(attribute="tau_forward")
+    module.estimator = STGumbelSoftmax(1.0)
+    with pytest.raises(ValueError, match=r"schedule.attribute='tau_forward': estimator st_gumbel_softmax has no such"):
+        wrong.on_train_start(None, module)
     with pytest.raises(ValueError, match=r"estimator\.tau_forward must be a positive finite number"):
         DecoupledSTGumbelSoftmax(tau_forward=0.0)
     with pytest.raises(ValueError, match=r"estimator\.tau_backward must be a positive finite number"):

@@ -38,6 +38,9 @@ class TemperatureSchedule(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.estimators = [m for m in pl_module.modules() if isinstance(m, Estimator) and hasattr(m, self.attribute)]
+        if not self.estimators and self.attribute != "tau":  # tau: estimators without one are left alone by design
+            raise ValueError(f"schedule.attribute={self.attribute!r}: estimator {pl_module.estimator.name} has no such "
+                             f"attribute (decoupled_st has tau_forward; every tempered estimator has tau)")
         self.applied: float | None = None  # the value last set, so that an unchanged one is not set again
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
