@@ -8,7 +8,7 @@ Jang et al. (2017, Section 4.3) report that Gumbel-Softmax trains M2 2x faster t
 model.n_classes=K`` (labels replaced by uniform random draws from {0..K-1}), one list of training batches, and for
 ``estimator=exact`` (marginalization: the objective at all K one-hot y's) and ``estimator=gumbel_softmax`` a model
 built from the config with the same seed, timed over ``--steps`` optimiser steps after ``--warmup`` steps. A step is
-SemiSupervisedM2.training_loss, backward and the Adam update, without Lightning (whose per-step cost is the same for
+SemiSupervisedM2.loss_and_metrics, backward and the Adam update, without Lightning (whose per-step cost is the same for
 both and would only dilute the ratio). ``--overrides`` change the composed config (e.g. smaller networks).
 
 Writes to ``--out``: speed_vs_classes.csv (one row per K), speed_vs_classes.png (steps/s of both, and the speed-up
@@ -60,7 +60,7 @@ def steps_per_second(cfg, image_shape: list[int], batches: list, warmup: int, de
     optimizer = model.configure_optimizers()
 
     def step(batch):
-        loss, _ = model.training_loss(batch)
+        loss, _ = model.loss_and_metrics(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

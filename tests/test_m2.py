@@ -143,7 +143,7 @@ def test_labelled_loss_and_the_training_objective(deterministic_z):
     log_q = m.classify(x_labelled)[0].log_softmax(-1)
     torch.testing.assert_close(cross_entropy, -log_q.gather(1, labels[:, None])[:, 0])
 
-    loss, metrics = m.training_loss((unlabelled, x_labelled, labels))
+    loss, metrics = m.loss_and_metrics((unlabelled, x_labelled, labels))
     expected = m.marginal_nelbo(unlabelled)[0].mean() + (nelbo + 0.3 * 20 * cross_entropy).mean()
     torch.testing.assert_close(loss, expected)  # exact: the surrogate is the objective's value
     torch.testing.assert_close(metrics["train/loss"], expected)
@@ -156,7 +156,7 @@ def test_every_estimator_gives_a_finite_training_gradient(estimator):
     n_classes = 2 if est.binary_only else K
     m = model(est, n_classes=n_classes)
     dm = synthetic(label_classes=n_classes, n_labelled=8)
-    loss, metrics = m.training_loss(next(iter(dm.train_dataloader())))
+    loss, metrics = m.loss_and_metrics(next(iter(dm.train_dataloader())))
     loss.backward()
     assert all(math.isfinite(float(v)) for v in metrics.values())
     assert m.to_logits.weight.grad.abs().sum() > 0 and m.decoder.to_map[0].weight.grad.abs().sum() > 0

@@ -47,8 +47,8 @@ class PoisonedVAE(CategoricalVAE):
         super().__init__(**kwargs)
         self.poison_step = poison_step
 
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
+    def training_loss(self, batch):
+        loss = super().training_loss(batch)
         return loss * math.nan if self.global_step == self.poison_step else loss
 
 

@@ -32,6 +32,8 @@ class TemperatureSchedule(pl.Callback):
     def __init__(self, name: str, attribute: str = "tau"):
         self.name, self.attribute = name, attribute
 
+    step_period: int | None = None  # the value changes only at multiples of it (catvae.step_calls)
+
     def value(self, step: int) -> float | None:
         """Temperature at global step ``step``; None keeps the estimator's own value."""
         raise NotImplementedError
@@ -51,7 +53,11 @@ class TemperatureSchedule(pl.Callback):
             for estimator in self.estimators:
                 setattr(estimator, self.attribute, tau)
             self.applied = tau
-        if written_this_step(trainer):
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        """Logs the value at the (last) step of the call, on the steps the loggers write."""
+        if hasattr(pl_module.estimator, self.attribute) and written_this_step(trainer):
             pl_module.log(self.attribute, float(getattr(pl_module.estimator, self.attribute)), on_step=True,
                           on_epoch=False)
 
@@ -75,6 +81,7 @@ class SteppedSchedule(TemperatureSchedule):
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
             raise ValueError(f"schedule.rate must be a finite number >= 0, got {rate!r}")
         self.rate, self.every = float(rate), check_integer("schedule.every", every)
+        self.step_period = self.every
 
     def at(self, t: int) -> float:
         raise NotImplementedError
@@ -219,6 +226,7 @@ class NonFiniteGuard(pl.Callback):
         check_choice("callbacks.nonfinite_guard.policy", policy, self.POLICIES)
         check_integer("callbacks.nonfinite_guard.check_every_n_steps", check_every_n_steps)
         self.policy, self.check_every_n_steps = policy, check_every_n_steps
+        self.step_period = check_every_n_steps if check_every_n_steps > 1 else None  # the host's reads
         self.skipped = 0
         self.loss: torch.Tensor | None = None
         self.parameters: list[tuple[str, torch.nn.Parameter]] = []

@@ -21,6 +21,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from catvae.step_calls import GroupedLoader, StepGrouping
 from catvae.validation import check_choice, check_integer
 
 BINARIZATIONS = ("fixed", "dynamic", "threshold", "none")
@@ -167,6 +168,7 @@ class ArrayDataModule(pl.LightningDataModule):
         self.device = device
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}  # on the CPU
         self._resident: dict[str, tuple[Tensor, Tensor]] = {}  # copies on the training device
+        self.step_grouping: StepGrouping | None = None  # steps_per_call > 1: batches grouped per call
 
     @property
     def input_dim(self) -> int:
@@ -214,8 +216,14 @@ class ArrayDataModule(pl.LightningDataModule):
                                device=images.device)
         return TensorBatchLoader(images, labels, sampler, dynamic=train and self.binarization == "dynamic")
 
-    def train_dataloader(self) -> TensorBatchLoader:
+    def train_batches(self):
+        """The training loader, one batch per step."""
         return self._loader("train", train=True)
+
+    def train_dataloader(self):
+        """:meth:`train_batches`, grouped per call when ``step_grouping`` is set (catvae.step_calls)."""
+        batches = self.train_batches()
+        return batches if self.step_grouping is None else GroupedLoader(batches, self.step_grouping)
 
     def val_dataloader(self) -> TensorBatchLoader:
         return self._loader("val", train=False)

@@ -128,7 +128,7 @@ class SemiSupervised:
         self.n_classes = self.label_classes or int(train_labels.max()) + 1
         self.labelled_index = balanced_subset(train_labels, self.n_labelled, self.n_classes, generator)
 
-    def train_dataloader(self) -> SemiSupervisedLoader:
+    def train_batches(self) -> SemiSupervisedLoader:
         unlabelled = self._loader("train", train=True)
         images, labels = self.resident("train")
         index = self.labelled_index.to(images.device)

@@ -105,6 +105,7 @@ class GradientDiagnostics(pl.Callback):
                                     ("max_exact_configurations", max_exact_configurations, 1)):
             check_integer(f"callbacks.grad_diagnostics.{key}", value, minimum)
         self.every_n_steps, self.n_draws, self.batch_size = every_n_steps, n_draws, batch_size
+        self.step_period = every_n_steps  # measures at the start of these steps (catvae.step_calls)
         self.panel = dict(panel or {})
         self.reference_samples, self.reference_draws = reference_samples, reference_draws
         self.max_exact_configurations, self.follow_tau, self.seed = max_exact_configurations, follow_tau, seed

@@ -192,7 +192,9 @@ class ResumePoint(pl.Callback):
 
 def training_is_over(fit_loop: dict[str, Any], max_steps: int, max_epochs: int | None) -> bool:
     """Whether a point (a fit loop's state right after an optimiser step) is the last step of the run."""
-    step = fit_loop["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["step"]["total"]["completed"]
+    automatic = fit_loop["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["step"]["total"]["completed"]
+    manual = fit_loop["epoch_loop.manual_optimization.optim_step_progress"]["total"]["completed"]
+    step = max(automatic, manual)  # the steps counted by whichever optimisation ran (steps_per_call > 1: manual)
     epoch_ends = fit_loop["epoch_loop.batch_progress"]["is_last_batch"]
     epochs = fit_loop["epoch_progress"]["current"]["processed"] + int(epoch_ends)
     return (max_steps != -1 and step >= max_steps) or (max_epochs not in (None, -1) and epochs >= max_epochs)

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
 
 from catvae.progress import drop_lightning_tips, line_progress_if_not_a_terminal
+from catvae.step_calls import StepGrouping, check_trainer, step_periods
 from catvae.resume import ResumePoint, check_resume_config, resolve_resume, resume_chain
 from catvae.sweep import read_status, write_status
 from catvae.validation import check_choice, check_integer
@@ -52,6 +54,7 @@ def check_run_config(cfg: DictConfig) -> None:
     """Checks of top-level keys; each group's own values are checked by the class it instantiates."""
     check_integer("seed", cfg.seed, minimum=0)
     check_choice("test_ckpt", cfg.test_ckpt, TEST_CHECKPOINTS)
+    check_integer("steps_per_call", cfg.get("steps_per_call", 1))
     resume = cfg.get("resume")
     if resume is not None and (not isinstance(resume, str) or not resume):
         raise ValueError(f"resume must be a checkpoint path or a run directory, got {resume!r}")
@@ -145,6 +148,20 @@ def build_model(cfg: DictConfig, image_shape: list[int]) -> pl.LightningModule:
     return model
 
 
+def group_steps(trainer: pl.Trainer, model: pl.LightningModule, datamodule, steps_per_call: int) -> None:
+    """steps_per_call > 1: the model trains on groups of batches, one optimiser step each (catvae.step_calls);
+    refused, before training, where that could not be the same run as steps_per_call=1."""
+    if steps_per_call == 1:
+        return
+    check_trainer(trainer, steps_per_call)
+    # Lightning's note that a step checkpoint of manual optimisation holds the weights after the step: as at k = 1
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    grouping = StepGrouping(steps_per_call, step_periods(trainer), trainer.max_steps)
+    grouping.check(len(datamodule.train_batches()))
+    datamodule.step_grouping = grouping
+    model.run_steps_per_call(steps_per_call)
+
+
 def train_and_test(cfg: DictConfig, output_dir: Path) -> dict:
     """Check, build, fit (or resume), test the chosen checkpoint, write results.json; returns the results."""
     check_run_config(cfg)
@@ -174,6 +191,7 @@ def train_and_test(cfg: DictConfig, output_dir: Path) -> dict:
         for logger in loggers:
             logger.log_hyperparams(config)
         trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        group_steps(trainer, model, datamodule, cfg.get("steps_per_call", 1))
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         ckpt_path = cfg.test_ckpt if trainer.checkpoint_callback is not None else None
         if ckpt_path == "best" and not trainer.checkpoint_callback.best_model_path:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from catvae.estimators import Estimate, Estimator
+from catvae.models.stepped import SteppedModule
 from catvae.models.optim import OptimizerFactory, estimator_parameter_groups
 from catvae.models.vae import CategoricalVAE
 from catvae.relaxations import categorical_log_prob, kl_to_uniform
@@ -63,7 +63,7 @@ class ConvDecoder(nn.Module):
         return self.deconvs(maps).view(*leading, -1)  # (..., B, D)
 
 
-class SemiSupervisedM2(pl.LightningModule):
+class SemiSupervisedM2(SteppedModule):
     """M2: p(x, y, z) = p(x|y,z) p(y) p(z) with y ~ Uniform(K), z ~ N(0, I_Z), p(x|y,z) Bernoulli;
     q(y|x) = Cat(softmax(classifier(x))), q(z|x,y) = N(mean(x, y), diag exp(log_var(x, y))).
 
@@ -190,7 +190,7 @@ class SemiSupervisedM2(pl.LightningModule):
             kl = torch.zeros_like(logits[:, 0, 0])
         return estimator(logits, objective, context=context), kl, logits
 
-    def training_loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss_and_metrics(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """(the loss of the class docstring, as a surrogate whose gradient is the training gradient,
         {metric: detached value})."""
         unlabelled, labelled, labels = batch
@@ -221,8 +221,8 @@ class SemiSupervisedM2(pl.LightningModule):
             raise ValueError(f"model.n_classes={self.n_classes} differs from the data's {n_classes} classes "
                              f"(set model.n_classes, or data.label_classes for random labels)")
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        loss, metrics = self.training_loss(batch)
+    def training_loss(self, batch: Batch) -> Tensor:
+        loss, metrics = self.loss_and_metrics(batch)
         if written_this_step(self.trainer):
             self.log_dict(metrics, on_step=True, on_epoch=False)
         return loss

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 from catvae.estimators import Estimate, Estimator
 from catvae.evaluation import importance_weighted_nll
 from catvae.models.networks import mlp
+from catvae.models.stepped import SteppedModule
 from catvae.models.optim import OptimizerFactory, estimator_parameter_groups
 from catvae.relaxations import categorical_log_prob, sample_categorical
 from catvae.step_logging import written_this_step
@@ -33,7 +33,7 @@ def value_with_gradient_of(estimate: Estimate) -> Tensor:
     return estimate.surrogate + (estimate.loss - estimate.surrogate).detach()
 
 
-class StructuredPredictionSBN(pl.LightningModule):
+class StructuredPredictionSBN(SteppedModule):
     """p(x_lower | x_upper) = sum_h p(x_lower | h_L) prod_l p(h_l | h_{l-1}),  h_0 = x_upper,
 
     with p(h_l | h_{l-1}) = prod_n Cat(h_ln; softmax(net_l(h_{l-1})_n)) for N variables of K classes
@@ -138,7 +138,7 @@ class StructuredPredictionSBN(pl.LightningModule):
             n_samples, self.chunk_size)
 
     # ----- Lightning hooks -----
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         x_upper, x_lower = self.halves(batch[0])
         estimate = self.estimate_from(0, x_upper, x_lower)
         if written_this_step(self.trainer):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -13,13 +12,14 @@ from torch import Tensor
 from catvae.estimators import Estimate, Estimator
 from catvae.evaluation import importance_weighted_nll
 from catvae.models.networks import mlp
+from catvae.models.stepped import SteppedModule
 from catvae.models.optim import OptimizerFactory, estimator_parameter_groups
 from catvae.relaxations import categorical_log_prob, kl_to_uniform, sample_categorical
 from catvae.step_logging import written_this_step
 from catvae.validation import check_integer, check_sizes
 
 
-class CategoricalVAE(pl.LightningModule):
+class CategoricalVAE(SteppedModule):
     """VAE with N categorical latents of K classes and a Bernoulli likelihood.
 
     q(z|x) = prod_n Cat(z_n; softmax(enc(x)_n)),  p(z) = prod_n Uniform(K),  p(x|z) = Bernoulli(sigmoid(dec(z))).
@@ -103,7 +103,7 @@ class CategoricalVAE(pl.LightningModule):
         ``encoder_scale`` s, like its estimate of the rest, so variance normalisation never turns the gradient."""
         return (estimate.surrogate + kl / estimate.encoder_scale).mean()
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         estimate, kl, _ = self.nelbo_estimate(self.flatten(batch))
         if written_this_step(self.trainer):
             self.log("train/loss", (estimate.loss.detach() + kl.detach()).mean(), on_step=True, on_epoch=False)
