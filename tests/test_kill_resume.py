@@ -67,6 +67,9 @@ class KillAt(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.kill_if(trainer, "on_train_batch_start")
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.kill_if(trainer, "on_before_optimizer_step")
+
     def on_validation_start(self, trainer, pl_module):
         self.kill_if(trainer, "on_validation_start")
 

@@ -128,7 +128,7 @@ def check_trainer(trainer: pl.Trainer, steps_per_call: int) -> None:
         "trainer.gradient_clip_val": (trainer.gradient_clip_val, bool(trainer.gradient_clip_val), "unset it"),
         "trainer.accumulate_grad_batches": (trainer.accumulate_grad_batches, trainer.accumulate_grad_batches != 1,
                                             "use 1"),
-        "trainer.val_check_interval": (trainer.val_check_interval, trainer.val_check_interval != 1.0,
+        "trainer.val_check_interval": (trainer.val_check_interval, trainer.val_check_interval not in (None, 1.0),
                                        "it counts calls; use check_val_every_n_epoch"),
         "trainer.limit_train_batches": (trainer.limit_train_batches, trainer.limit_train_batches != 1.0,
                                         "it counts calls; use 1.0"),
