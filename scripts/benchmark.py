@@ -1,7 +1,8 @@
 """Training speed of catvae's full path against a minimal plain-PyTorch loop of the same model.
 
     python scripts/benchmark.py [--estimators gumbel_softmax reinforce ...] [--steps 300] [--warmup 50]
-                                [--device cpu|cuda] [--iw] [--overrides KEY=VALUE ...] [--out docs/performance.md]
+                                [--steps-per-call 1 4 16] [--device cpu|cuda] [--iw] [--overrides KEY=VALUE ...]
+                                [--out docs/performance.md]
 
 For each estimator, in this one process, on the same MNIST batches (batch 100, the 20x10 categorical VAE):
 
@@ -15,6 +16,8 @@ For each estimator, in this one process, on the same MNIST batches (batch 100, t
 All are timed over ``--steps`` steps after ``--warmup`` steps, ``--repeats`` times alternately; the medians
 are reported (a shared machine's speed drifts by 10-20% between runs). Peak memory is the GPU's max allocated
 memory on CUDA, and the process's peak resident set size on CPU (cumulative: it only grows across rows).
+``--steps-per-call`` times catvae's path once per value of ``steps_per_call`` in each repeat (a row each, against
+the same plain runs; with k > 1 the timing starts at the first call that starts at or after ``--warmup``).
 ``--overrides`` change catvae's path (e.g. ``~callbacks.nonfinite_guard`` times it without the non-finite guard,
 ``compile=networks`` with compiled networks; the plain loop stays eager).
 ``--iw`` also times the 1000-sample importance-weighted test bound on the 10,000 test images. ``--phases`` adds
@@ -48,30 +51,33 @@ from catvae.evaluation import importance_weighted_nll
 from catvae.models.networks import mlp
 from catvae.models import CategoricalVAE
 from catvae.relaxations import categorical_log_prob, kl_to_uniform
-from catvae.run import build_model, use_cached_cuda_check
+from catvae.run import build_model, group_steps, use_cached_cuda_check
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, N_VARS, N_CLASSES = 100, 20, 10
 
 
 class StepTimer(pl.Callback):
-    """Wall time of training steps warmup .. warmup + steps - 1."""
+    """Wall time and count of the training steps from the first call that starts at or after step ``warmup`` to the
+    end (with steps_per_call > 1 a call may start past ``warmup``)."""
+
+    step_period = None  # acts once per call, at no particular step (catvae.step_calls)
 
     def __init__(self, warmup: int, device: torch.device):
-        self.warmup, self.device, self.started, self.elapsed = warmup, device, None, None
+        self.warmup, self.device, self.started, self.first_step, self.elapsed, self.steps = warmup, device, None, None, None, 0
 
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.warmup:
+        if self.started is None and trainer.global_step >= self.warmup:
             self.sync()
-            self.started = time.perf_counter()
+            self.started, self.first_step = time.perf_counter(), trainer.global_step
 
     def on_train_end(self, trainer, pl_module):
         self.sync()
-        self.elapsed = time.perf_counter() - self.started
+        self.elapsed, self.steps = time.perf_counter() - self.started, trainer.global_step - self.first_step
 
 
 PHASES = ("forward", "backward", "after backward", "optimizer", "between steps")
@@ -139,20 +145,23 @@ def compose_run(estimator: str, device: str, out: Path, steps: int, extra: list[
 
 
 def time_catvae(estimator: str, device: torch.device, warmup: int, steps: int, out: Path,
-                extra: list[str] = (), phases: PhaseTimer | None = None) -> tuple[float, object, object]:
+                extra: list[str] = (), phases: PhaseTimer | None = None,
+                steps_per_call: int = 1) -> tuple[float, object, object]:
     """steps/s of catvae's path, the data module (for the plain loop) and the configured optimiser factory."""
-    cfg = compose_run(estimator, device.type, out, warmup + steps, list(extra))
+    cfg = compose_run(estimator, device.type, out, warmup + steps, [*extra, f"steps_per_call={steps_per_call}"])
     use_cached_cuda_check()  # as train.py's run() does
     pl.seed_everything(0)
     datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")  # as run() does
     model = build_model(cfg, list(datamodule.image_shape))
     timer = StepTimer(warmup, device)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [instantiate(cfg.schedule), timer]
     callbacks += [phases] if phases else []
     loggers = [instantiate(c) for c in cfg.logger.values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    group_steps(trainer, model, datamodule, steps_per_call)  # as run() does
     trainer.fit(model, datamodule=datamodule)
-    return steps / timer.elapsed, datamodule, instantiate(cfg.model.optimizer)
+    return timer.steps / timer.elapsed, datamodule, instantiate(cfg.model.optimizer)
 
 
 def time_plain(estimator_name: str, datamodule, device: torch.device, warmup: int, steps: int,
@@ -265,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3, help="alternating repeats; the medians are reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps-per-call", type=int, nargs="+", default=[1],
+                        help="catvae's steps_per_call values to time (each against the same plain runs)")
     parser.add_argument("--iw", action="store_true", help="also time the 1000-sample test bound")
     parser.add_argument("--phases", action="store_true", help="also split a step's time into phases (one more run)")
     parser.add_argument("--overrides", nargs="*", default=[],
@@ -279,20 +290,22 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     rows, phase_rows, datamodule = [], [], None
     for name in args.estimators:
-        rates = {"catvae": [], "same": [], "default": []}
+        rates = {**{k: [] for k in args.steps_per_call}, "same": [], "default": []}
         for _ in range(args.repeats):  # alternated, so that a slow spell of the machine hits every path
-            rate, datamodule, optimizer_factory = time_catvae(name, device, args.warmup, args.steps, args.workdir,
-                                                              args.overrides)
-            rates["catvae"].append(rate)
+            for k in args.steps_per_call:
+                rate, datamodule, optimizer_factory = time_catvae(name, device, args.warmup, args.steps,
+                                                                  args.workdir, args.overrides, steps_per_call=k)
+                rates[k].append(rate)
             catvae_memory = peak_memory_mb(device)
             rates["same"].append(time_plain(name, datamodule, device, args.warmup, args.steps, optimizer_factory))
             rates["default"].append(time_plain(name, datamodule, device, args.warmup, args.steps))
         medians = {path: statistics.median(values) for path, values in rates.items()}
-        ratios = {path: statistics.median(c / p for c, p in zip(rates["catvae"], rates[path]))
-                  for path in ("same", "default")}  # paired: each repeat's paths ran back to back
-        rows.append((name, medians, ratios, catvae_memory, peak_memory_mb(device)))
-        print(f"{name}: " + ", ".join(f"{path} {[round(r, 1) for r in values]} steps/s"
-                                      for path, values in rates.items()), flush=True)
+        for k in args.steps_per_call:  # paired ratios: each repeat's paths ran back to back
+            ratios = {path: statistics.median(c / p for c, p in zip(rates[k], rates[path])) for path in ("same", "default")}
+            rows.append((name, k, medians, ratios, catvae_memory, peak_memory_mb(device)))
+        print(f"{name}: " + ", ".join(f"{'catvae k=' if isinstance(path, int) else ''}{path} "
+                                      f"{[round(r, 1) for r in values]} steps/s" for path, values in rates.items()),
+              flush=True)
         if args.phases:
             timer, plain_steps = PhaseTimer(args.warmup, device), []
             time_catvae(name, device, args.warmup, args.steps, args.workdir, args.overrides, timer)
@@ -303,12 +316,12 @@ def main(argv: list[str] | None = None) -> None:
              f"`python scripts/benchmark.py {' '.join(sys.argv[1:] if argv is None else argv)}`: batch {BATCH}, "
              f"20x10 VAE, {args.steps} timed steps after {args.warmup} warm-up steps, {args.repeats} alternating "
              f"repeats: steps/s are medians, ratios the medians of each repeat's ratio.", "",
-             "| estimator | catvae steps/s | plain, same optimiser | catvae / plain | plain, torch.optim.Adam "
-             "defaults | catvae / that | ms per step (catvae) | peak memory after catvae, plain (MB) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, medians, ratios, catvae_memory, plain_memory in rows:
-        lines.append(f"| {name} | {medians['catvae']:.1f} | {medians['same']:.1f} | {ratios['same']:.2f} | "
-                     f"{medians['default']:.1f} | {ratios['default']:.2f} | {1000 / medians['catvae']:.1f} | "
+             "| estimator | steps per call | catvae steps/s | plain, same optimiser | catvae / plain | plain, "
+             "torch.optim.Adam defaults | catvae / that | ms per step (catvae) | peak memory after catvae, plain (MB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, k, medians, ratios, catvae_memory, plain_memory in rows:
+        lines.append(f"| {name} | {k} | {medians[k]:.1f} | {medians['same']:.1f} | {ratios['same']:.2f} | "
+                     f"{medians['default']:.1f} | {ratios['default']:.2f} | {1000 / medians[k]:.1f} | "
                      f"{catvae_memory:.0f}, {plain_memory:.0f} |")
     if phase_rows:
         lines += ["", "Phases of a step (ms, medians over the timed steps of one more run of each path):", "",
