@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 
+from catvae.run import group_steps
 from catvae.step_logging import written_this_step
 
 from conftest import ESTIMATORS, FAST, compose_config
@@ -86,13 +87,16 @@ class HostReadAudit(pl.Callback):
             self.active = None
 
 
-def fit_under_audit(tmp_path, *overrides: str) -> tuple[pl.Trainer, HostReadAudit]:
-    cfg = compose_config(FAST + ["trainer.log_every_n_steps=1000", *overrides], tmp_path)
+def fit_under_audit(tmp_path, *overrides: str, steps_per_call: int = 1) -> tuple[pl.Trainer, HostReadAudit]:
+    cfg = compose_config(FAST + ["trainer.log_every_n_steps=1000", "callbacks.step_checkpoint.every_n_train_steps=8",
+                                 *overrides], tmp_path)
     datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
     model = instantiate(cfg.model, estimator=instantiate(cfg.estimator), image_shape=list(datamodule.image_shape))
     audit = HostReadAudit()
     callbacks = [audit, *(instantiate(c) for c in cfg.callbacks.values()), instantiate(cfg.schedule)]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+    group_steps(trainer, model, datamodule, steps_per_call)
     try:
         trainer.fit(model, datamodule=datamodule)
     finally:
@@ -100,13 +104,15 @@ def fit_under_audit(tmp_path, *overrides: str) -> tuple[pl.Trainer, HostReadAudi
     return trainer, audit
 
 
+@pytest.mark.parametrize("steps_per_call", [1, 4])
 @pytest.mark.parametrize("estimator", ["gumbel_softmax", "reinforce"])
-def test_lightning_training_steps_read_nothing_on_the_host_with_a_deferred_guard(estimator, tmp_path):
+def test_lightning_training_steps_read_nothing_on_the_host_with_a_deferred_guard(estimator, steps_per_call, tmp_path):
     """The whole training step through Lightning, with the default callbacks and the non-finite guard reading every
-    1,000 steps, converts no tensor to a Python value between logging steps."""
+    1,000 steps, converts no tensor to a Python value between logging steps (at 4 steps per call: in whole calls)."""
     trainer, audit = fit_under_audit(tmp_path, f"estimator={estimator}",
-                                     "callbacks.nonfinite_guard.check_every_n_steps=1000")
-    assert trainer.global_step == 16 and audit.audited >= 15  # the last step may write logs (the run stops there)
+                                     "callbacks.nonfinite_guard.check_every_n_steps=1000", steps_per_call=steps_per_call)
+    calls = 16 // steps_per_call
+    assert trainer.global_step == 16 and audit.audited >= calls - 1  # the last call may write logs (the run stops)
 
 
 def test_the_audit_catches_the_per_step_guards_read(tmp_path):
