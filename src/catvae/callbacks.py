@@ -29,10 +29,10 @@ class TemperatureSchedule(pl.Callback):
     (which restarts every epoch), so a resumed run continues the same curve.
     """
 
+    step_period: int | None = None  # the value changes only at multiples of it (catvae.step_calls)
+
     def __init__(self, name: str, attribute: str = "tau"):
         self.name, self.attribute = name, attribute
-
-    step_period: int | None = None  # the value changes only at multiples of it (catvae.step_calls)
 
     def value(self, step: int) -> float | None:
         """Temperature at global step ``step``; None keeps the estimator's own value."""

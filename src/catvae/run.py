@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
 
 from catvae.progress import drop_lightning_tips, line_progress_if_not_a_terminal
-from catvae.step_calls import StepGrouping, check_trainer, step_periods
 from catvae.resume import ResumePoint, check_resume_config, resolve_resume, resume_chain
+from catvae.step_calls import StepGrouping, check_trainer, step_periods
 from catvae.sweep import read_status, write_status
 from catvae.validation import check_choice, check_integer
 
