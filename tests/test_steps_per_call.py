@@ -194,6 +194,13 @@ def test_what_grouping_cannot_keep_exact_is_refused_before_training(overrides, m
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_refused_run_starts_no_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(ValueError, match="trainer.log_every_n_steps=3 is neither"):
+        run(compose_config(VAE + ["steps_per_call=3", "trainer.log_every_n_steps=3", "logger=wandb"], tmp_path / "run"))
+    assert not (tmp_path / "run" / "wandb").exists()
+
+
 def test_a_grad_scaler_is_refused():
     trainer = SimpleNamespace(precision="16-mixed", precision_plugin=SimpleNamespace(scaler=object()),
                               gradient_clip_val=None, accumulate_grad_batches=1, val_check_interval=1.0,

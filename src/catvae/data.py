@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from catvae.step_calls import GroupedLoader, StepGrouping
+from catvae.step_calls import GroupedLoader, StepGrouping, saved_position
 from catvae.validation import check_choice, check_integer
 
 BINARIZATIONS = ("fixed", "dynamic", "threshold", "none")
@@ -126,8 +126,7 @@ class TensorBatchLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         generator = self.sampler.generator(self.images.device) if self.dynamic else None
-        # a saved position applies to the epoch it was saved in (after an epoch-end save, the next epoch starts)
-        skip = self.resume_at[1] if self.resume_at and self.resume_at[0] == self.sampler.epoch else 0
+        skip = saved_position(self.resume_at, self.sampler.epoch)
         self.resume_at = None
         self.yielded = skip
         for position, index in enumerate(self.sampler):

@@ -157,7 +157,11 @@ def group_steps(trainer: pl.Trainer, model: pl.LightningModule, datamodule, step
     # Lightning's note that a step checkpoint of manual optimisation holds the weights after the step: as at k = 1
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     grouping = StepGrouping(steps_per_call, step_periods(trainer), trainer.max_steps)
-    grouping.check(len(datamodule.train_batches()))
+    n_batches = len(datamodule.train_batches())
+    grouping.check(n_batches)
+    # Lightning's warning that an epoch's calls are fewer than log_every_n_steps: the logging counts steps, not calls
+    calls = len(grouping.calls(0, n_batches))
+    warnings.filterwarnings("ignore", message=rf"The number of training batches \({calls}\) is smaller than the logging")
     datamodule.step_grouping = grouping
     model.run_steps_per_call(steps_per_call)
 
@@ -186,12 +190,13 @@ def train_and_test(cfg: DictConfig, output_dir: Path) -> dict:
     for callback in callbacks:  # callbacks that constrain the model (the deferred non-finite guard) refuse it now
         if hasattr(callback, "check_model"):
             callback.check_model(model)
-    loggers = instantiate_loggers(cfg.logger)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+    group_steps(trainer, model, datamodule, cfg.get("steps_per_call", 1))
+    loggers = instantiate_loggers(cfg.logger)  # last: they start their runs (a W&B run) now
+    trainer.loggers = loggers
     try:
         for logger in loggers:
             logger.log_hyperparams(config)
-        trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-        group_steps(trainer, model, datamodule, cfg.get("steps_per_call", 1))
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         ckpt_path = cfg.test_ckpt if trainer.checkpoint_callback is not None else None
         if ckpt_path == "best" and not trainer.checkpoint_callback.best_model_path:

@@ -82,6 +82,12 @@ class StepGrouping:
                     f"Lightning would take for the epoch's end; choose another max_steps or steps_per_call=1")
 
 
+def saved_position(resume_at: tuple[int, int] | None, epoch: int) -> int:
+    """Where an epoch's iteration starts: at the position saved by a checkpoint (``resume_at`` = (epoch, batches
+    trained on)) if it was saved in this ``epoch``, else at 0 (after an epoch-end save the next epoch starts)."""
+    return resume_at[1] if resume_at and resume_at[0] == epoch else 0
+
+
 class GroupedLoader:
     """Iterable of lists of consecutive batches of ``batches`` (a resumable loader such as
     :class:`catvae.data.TensorBatchLoader`), cut by ``grouping``; one list per call. The global step at a batch is
@@ -108,8 +114,7 @@ class GroupedLoader:
 
     def __iter__(self):
         n_batches, epoch = len(self.batches), self.sampler.epoch
-        # a saved position applies to the epoch it was saved in (after an epoch-end save, the next epoch starts)
-        self.position = self.resume_at[1] if self.resume_at and self.resume_at[0] == epoch else 0
+        self.position = saved_position(self.resume_at, epoch)
         self.resume_at = None
         batches = iter(self.batches)
         while self.position < n_batches:
