@@ -209,7 +209,7 @@ def plot_curves(runs: list[Run], key_of, ylabel: str, path: Path, log_y: bool = 
                 continue
             values = [[s[step] for s in series] for step in steps]
             label = tau_label(tau, members[0].schedule)
-            line, = ax.plot(steps, [statistics.fmean(v) for v in values], label=f"{label} ({len(members)} seeds)")
+            line, = ax.plot(steps, [statistics.fmean(v) for v in values], label=f"{label} ({seeds_text([len(members)])})")
             if len(members) > 1:
                 ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2,
                                 color=line.get_color())
@@ -226,8 +226,9 @@ def plot_curves(runs: list[Run], key_of, ylabel: str, path: Path, log_y: bool = 
     return True
 
 
-def seeds_text(rows: list[dict]) -> str:
-    counts = sorted({r["seeds"] for r in rows})
+def seeds_text(seed_counts: list[int]) -> str:
+    """'1 seed', '3 seeds', '1-3 seeds'."""
+    counts = sorted(set(seed_counts))
     return f"{'-'.join(map(str, counts))} seed{'s' if counts[-1] > 1 else ''}"
 
 
@@ -242,12 +243,12 @@ def plot_nll_vs_tau(summary: list[dict], path: Path) -> bool:
         mine = sorted((r for r in rows if r["estimator"] == name), key=lambda r: r["tau"] or 0)
         if mine[0]["tau"] is None:
             ax.axhline(mine[0]["test/nll_iw"][0], linestyle="--", linewidth=1, color=color,
-                       label=f"{name} (no temperature, {seeds_text(mine)})")
+                       label=f"{name} (no temperature, {seeds_text([r['seeds'] for r in mine])})")
             continue
         several = all(r["seeds"] > 1 for r in mine)  # error bars only where there is a spread over seeds
         ax.errorbar([r["tau"] for r in mine], [r["test/nll_iw"][0] for r in mine], marker="o", capsize=3,
                     yerr=[r["test/nll_iw"][1] for r in mine] if several else None, color=color,
-                    label=f"{name} ({seeds_text(mine)}{', bars: std' if several else ''})")
+                    label=f"{name} ({seeds_text([r['seeds'] for r in mine])}{', bars: std' if several else ''})")
     if taus:
         ax.set_xscale("log")
         ax.set_xticks(taus, [f"{t:g}" for t in taus])
