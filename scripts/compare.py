@@ -241,14 +241,15 @@ def plot_nll_vs_tau(summary: list[dict], path: Path) -> bool:
     for index, name in enumerate(sorted({r["estimator"] for r in rows})):
         color = plt.get_cmap("tab10")(index % 10)
         mine = sorted((r for r in rows if r["estimator"] == name), key=lambda r: r["tau"] or 0)
+        seeds = seeds_text([r["seeds"] for r in mine])
         if mine[0]["tau"] is None:
             ax.axhline(mine[0]["test/nll_iw"][0], linestyle="--", linewidth=1, color=color,
-                       label=f"{name} (no temperature, {seeds_text([r['seeds'] for r in mine])})")
+                       label=f"{name} (no temperature, {seeds})")
             continue
         several = all(r["seeds"] > 1 for r in mine)  # error bars only where there is a spread over seeds
         ax.errorbar([r["tau"] for r in mine], [r["test/nll_iw"][0] for r in mine], marker="o", capsize=3,
                     yerr=[r["test/nll_iw"][1] for r in mine] if several else None, color=color,
-                    label=f"{name} ({seeds_text([r['seeds'] for r in mine])}{', bars: std' if several else ''})")
+                    label=f"{name} ({seeds}{', bars: std' if several else ''})")
     if taus:
         ax.set_xscale("log")
         ax.set_xticks(taus, [f"{t:g}" for t in taus])

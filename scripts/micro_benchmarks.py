@@ -8,7 +8,8 @@ cache between calls, so the optimiser and guard rows are lower bounds of their c
 
 - one Adam step (lr 1e-3) over the model's parameters: torch's default on the CPU (for-loop) and ``fused=True``;
 - one SGD step with momentum 0.9 (Table 1's optimiser): default and ``fused=True``;
-- the non-finite guard's reduction: one sum per gradient, and torch._foreach_norm (the norms it used before);
+- the non-finite guard's reduction: one sum per gradient, torch._foreach_norm (the norms it used before) and
+  GradScaler's fused non-finite check (which also multiplies the gradients by its scale, here 1);
 - ``torch.cuda.is_available()`` with and without ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` (set by importing Lightning);
 - cutting a batch of 100 training images: ``images[index]`` and ``images.index_select(0, index)``.
 
@@ -81,6 +82,7 @@ def rows(calls: int, repeats: int) -> list[tuple[str, str, float]]:
     gradients = [p.grad for p in parameters]
     images, order = torch.rand(50_000, 1, 28, 28), torch.randperm(50_000)
     positions = iter(range(10**9))
+    found_inf, one = torch.zeros(()), torch.ones(())
 
     def index() -> torch.Tensor:
         i = next(positions) % 500
@@ -97,6 +99,8 @@ def rows(calls: int, repeats: int) -> list[tuple[str, str, float]]:
         ("guard reduction", "one sum per gradient (now)",
          lambda: torch.stack([g.sum(dtype=torch.float32) for g in gradients]).sum()),
         ("guard reduction", "torch._foreach_norm (before)", lambda: torch.stack(torch._foreach_norm(gradients)).sum()),
+        ("guard reduction", "torch._amp_foreach_non_finite_check_and_unscale_ (GradScaler's check, scale 1)",
+         lambda: torch._amp_foreach_non_finite_check_and_unscale_(gradients, found_inf, one)),
         ("torch.cuda.is_available()", f"{NVML_CHECK}=1 (Lightning's)", with_nvml_check(True)),
         ("torch.cuda.is_available()", "unset (a catvae run)", with_nvml_check(False)),
         ("a batch of 100 images", "images[index] (before)", lambda: images[index()]),

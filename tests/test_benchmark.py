@@ -30,5 +30,6 @@ def test_micro_benchmarks_write_their_table(tmp_path):
                            "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     table = out.read_text()
-    assert table.count("\n| ") == 11  # header and ten rows
+    assert table.count("\n| ") == 12  # header and eleven rows
     assert "| Adam step | fused=True |" in table and "PYTORCH_NVML_BASED_CUDA_CHECK=1" in table
+    assert "| guard reduction | torch._amp_foreach_non_finite_check_and_unscale_" in table
