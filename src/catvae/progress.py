@@ -1,5 +1,5 @@
 """Progress for logs that are not a terminal (SLURM, nohup, ``> log``): a line per epoch and every ``every_s`` seconds,
-instead of the progress bar's line per refresh; and Lightning's advertisement lines dropped.
+instead of the progress bar's line per refresh; and the libraries' notices a user cannot act on dropped.
 
 A progress bar redrawn in a file writes a line at each refresh: the default 10-epoch run wrote 844 KB of progress
 text. :class:`LineProgress` writes ``epoch e/E step s/S | r steps/s | metrics`` at each epoch's end (after its
@@ -12,6 +12,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks.progress import ProgressBar
@@ -71,10 +72,14 @@ class DropLightningTips(logging.Filter):
         return not str(record.getMessage()).startswith(LIGHTNING_TIP)
 
 
-def drop_lightning_tips() -> None:
+def drop_library_notices() -> None:
+    """Drops Lightning's advertisement lines and torch's FutureWarning that Lightning 2.6's pytree helper builds a
+    ``LeafSpec`` (one per fit, about Lightning's code, not the run's)."""
     logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     if not any(isinstance(f, DropLightningTips) for f in logger.filters):
         logger.addFilter(DropLightningTips())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
 
 
 def line_progress_if_not_a_terminal(enable_progress_bar: bool) -> list[pl.Callback]:

@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
 
-from catvae.progress import drop_lightning_tips, line_progress_if_not_a_terminal
+from catvae.progress import drop_library_notices, line_progress_if_not_a_terminal
 from catvae.resume import ResumePoint, check_resume_config, resolve_resume, resume_chain
 from catvae.step_calls import StepGrouping, check_trainer, step_periods
 from catvae.sweep import read_status, write_status
@@ -120,7 +120,7 @@ def run(cfg: DictConfig) -> dict:
     """
     configure_wandb_environment()
     use_cached_cuda_check()
-    drop_lightning_tips()
+    drop_library_notices()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     overrides = job_overrides()
