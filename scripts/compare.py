@@ -25,6 +25,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import statistics
 import sys
 from collections import defaultdict
@@ -272,16 +273,25 @@ PANEL_STATS = ("var", "var_x_evals", "snr", "cos", "bias", "bias_se")
 PANEL_COLUMNS = ("run", "trained by", "tau", "seed", "step", "estimator", "evaluations", *PANEL_STATS)
 
 
+def run_labels(runs: list[Run]) -> list[str]:
+    """Each run's directory relative to the runs' common parent (``tau_sweep/0``, ``score_function/0``: two
+    multiruns' jobs keep distinct names); a single run's is its directory's name."""
+    if len(runs) == 1:
+        return [runs[0].directory.name]
+    parent = Path(os.path.commonpath([run.directory.resolve() for run in runs]))
+    return [run.directory.resolve().relative_to(parent).as_posix() for run in runs]
+
+
 def panel_rows(runs: list[Run]) -> list[dict]:
     """One row per run, diagnostic step and measured estimator (the reference has no evaluations count)."""
     rows = []
-    for run in runs:
+    for run, label in zip(runs, run_labels(runs)):
         for name in measured(run):
             if name == "reference":
                 continue
             series = {stat: dict(run.series(f"grad/{name}/{stat}")) for stat in PANEL_STATS}
             for step, var in sorted(series["var"].items()):
-                row = {"run": run.directory.name, "trained by": run.estimator, "tau": run.tau, "seed": run.seed,
+                row = {"run": label, "trained by": run.estimator, "tau": run.tau, "seed": run.seed,
                        "step": step, "estimator": name, **{stat: series[stat].get(step) for stat in PANEL_STATS}}
                 row["evaluations"] = round(row["var_x_evals"] / var) if row["var_x_evals"] is not None and var else None
                 rows.append(row)

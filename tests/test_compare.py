@@ -70,6 +70,20 @@ def test_compare_writes_the_equal_work_panel(sweep, tmp_path):
     assert table == compare.panel_markdown(rows) and table.count("\n") == 2 + 4 * 2  # header + 4 runs x 2
 
 
+def test_two_multiruns_jobs_of_the_same_number_stay_apart_in_the_panel(sweep, tmp_path):
+    """Comparing two multiruns (jobs 0-3 in each): the panel names a job by its path below the common parent, so
+    each of the 8 runs keeps its own last diagnostic."""
+    for name in ("tau_sweep", "score_function"):
+        shutil.copytree(sweep, tmp_path / "runs" / name)
+    done = script("compare.py", tmp_path / "runs" / "tau_sweep", tmp_path / "runs" / "score_function",
+                  "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    with open(tmp_path / "out" / "panel.csv") as handle:
+        runs = {r["run"] for r in csv.DictReader(handle)}
+    assert runs == {f"{name}/{job}" for name in ("tau_sweep", "score_function") for job in range(4)}
+    assert (tmp_path / "out" / "panel.md").read_text().count("\n") == 2 + 8 * 2
+
+
 def test_compare_lists_unfinished_runs(sweep, tmp_path):
     copy = tmp_path / "sweep"
     shutil.copytree(sweep, copy)
