@@ -198,10 +198,12 @@ def train_and_test(cfg: DictConfig, output_dir: Path) -> dict:
         for logger in loggers:
             logger.log_hyperparams(config)
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-        ckpt_path = cfg.test_ckpt if trainer.checkpoint_callback is not None else None
-        if ckpt_path == "best" and not trainer.checkpoint_callback.best_model_path:
-            ckpt_path = "last" if tested_checkpoint(trainer, "last") else None
-        (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        which = cfg.test_ckpt if trainer.checkpoint_callback is not None else None
+        if which == "best" and not trainer.checkpoint_callback.best_model_path:
+            which = "last"
+        # the file itself, not "best": Lightning warns on "best" when the run has several ModelCheckpoints
+        ckpt_file = tested_checkpoint(trainer, which)
+        (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_file, weights_only=True)
     finally:
         finish_wandb(loggers)
 
@@ -212,7 +214,7 @@ def train_and_test(cfg: DictConfig, output_dir: Path) -> dict:
         "tau": getattr(estimator, "tau", None),  # the final temperature, for estimators that have one
         "evaluations_per_step": estimator.evaluations(),  # objective evaluations per example and step
         "metrics": {key: float(value) for key, value in test_metrics.items()},
-        "tested_checkpoint": tested_checkpoint(trainer, ckpt_path),
+        "tested_checkpoint": ckpt_file,
         "resumed_from": str(resume_from) if resume_from else None,
         "chain": chain,  # the run directories this one continues, oldest first
         "global_step": trainer.global_step,
