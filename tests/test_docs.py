@@ -62,6 +62,21 @@ def test_every_runs_table_of_the_docs_is_what_compare_gives_from_its_committed_r
     assert found >= 1
 
 
+def test_every_panel_table_of_the_docs_is_what_compare_gives_from_its_committed_runs():
+    """A table between <!-- panel: DIR --> and <!-- /panel --> in docs/*.md is panel.md of scripts/compare.py on the
+    run directories committed under docs/results/DIR (each run's last gradient diagnostic)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare
+
+    found = 0
+    for page in (ROOT / "docs").glob("*.md"):
+        for directory, shown in re.findall(r"<!-- panel: (\S+) -->\n(.*?)<!-- /panel -->", page.read_text(), re.S):
+            runs = compare.load_runs([ROOT / "docs" / "results" / directory])
+            assert shown == compare.panel_markdown(compare.panel_rows(runs)), (page.name, directory)
+            found += 1
+    assert found >= 1
+
+
 def test_the_table1_grids_of_the_reproduction_page_are_what_their_csvs_give():
     sys.path.insert(0, str(ROOT / "scripts"))
     import reproduce_jang2017
