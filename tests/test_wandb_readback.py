@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,17 @@ NOT_THERE = ("`wandb leet inspect` (wandb's reader of offline runs, pinned as wa
              "missing or changed its output")
 
 
+def wandb_cli() -> str:
+    """The wandb command installed with the Python that runs the tests (its environment need not be on PATH), else
+    the one on PATH."""
+    beside = Path(sys.executable).parent / "wandb"
+    return str(beside) if beside.is_file() else shutil.which("wandb") or "wandb"
+
+
 def inspect(run_dir: Path, summary: bool) -> dict | list[dict]:
     """`wandb leet inspect [--summary] --json` of the run directory's one offline W&B run."""
     (offline,) = (run_dir / "wandb").glob("offline-run-*")
-    command = [shutil.which("wandb") or "wandb", "leet", "inspect", *(["--summary"] if summary else []), "--json",
+    command = [wandb_cli(), "leet", "inspect", *(["--summary"] if summary else []), "--json",
                str(offline)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
