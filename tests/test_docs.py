@@ -46,20 +46,28 @@ def test_the_equal_work_table_is_what_its_committed_csv_gives():
     assert shown and shown.group(1) == compare.panel_markdown(rows)
 
 
+def committed_run_tables(kind: str) -> list[tuple[str, str, str, list]]:
+    """(page, DIR, table) for each table between <!-- KIND: DIR --> and <!-- /KIND --> in docs/*.md, with the runs
+    of scripts/compare.py loaded from docs/results/DIR (at least one such table must exist)."""
+    import compare
+
+    found = [(page.name, directory, shown, compare.load_runs([ROOT / "docs" / "results" / directory]))
+             for page in (ROOT / "docs").glob("*.md")
+             for directory, shown in re.findall(rf"<!-- {kind}: (\S+) -->\n(.*?)<!-- /{kind} -->", page.read_text(),
+                                                re.S)]
+    assert found, f"no <!-- {kind}: DIR --> table in docs/"
+    return found
+
+
 def test_every_runs_table_of_the_docs_is_what_compare_gives_from_its_committed_runs():
     """A table between <!-- runs: DIR --> and <!-- /runs --> in docs/*.md is summary.md of scripts/compare.py on the
     run directories committed under docs/results/DIR."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import compare
 
-    found = 0
-    for page in (ROOT / "docs").glob("*.md"):
-        for directory, shown in re.findall(r"<!-- runs: (\S+) -->\n(.*?)<!-- /runs -->", page.read_text(), re.S):
-            runs = compare.load_runs([ROOT / "docs" / "results" / directory])
-            assert all(run.status == "finished" for run in runs), directory
-            assert shown == compare.summary_markdown(runs, compare.summarise(runs)), (page.name, directory)
-            found += 1
-    assert found >= 1
+    for page, directory, shown, runs in committed_run_tables("runs"):
+        assert all(run.status == "finished" for run in runs), directory
+        assert shown == compare.summary_markdown(runs, compare.summarise(runs)), (page, directory)
 
 
 def test_every_panel_table_of_the_docs_is_what_compare_gives_from_its_committed_runs():
@@ -68,13 +76,8 @@ def test_every_panel_table_of_the_docs_is_what_compare_gives_from_its_committed_
     sys.path.insert(0, str(ROOT / "scripts"))
     import compare
 
-    found = 0
-    for page in (ROOT / "docs").glob("*.md"):
-        for directory, shown in re.findall(r"<!-- panel: (\S+) -->\n(.*?)<!-- /panel -->", page.read_text(), re.S):
-            runs = compare.load_runs([ROOT / "docs" / "results" / directory])
-            assert shown == compare.panel_markdown(compare.panel_rows(runs)), (page.name, directory)
-            found += 1
-    assert found >= 1
+    for page, directory, shown, runs in committed_run_tables("panel"):
+        assert shown == compare.panel_markdown(compare.panel_rows(runs)), (page, directory)
 
 
 def test_the_table1_grids_of_the_reproduction_page_are_what_their_csvs_give():
