@@ -11,7 +11,13 @@ cache between calls, so the optimiser and guard rows are lower bounds of their c
 - the non-finite guard's reduction: one sum per gradient, torch._foreach_norm (the norms it used before) and
   GradScaler's fused non-finite check (which also multiplies the gradients by its scale, here 1);
 - ``torch.cuda.is_available()`` with and without ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` (set by importing Lightning);
-- cutting a batch of 100 training images: ``images[index]`` and ``images.index_select(0, index)``.
+- cutting a batch of 100 training images: ``images[index]`` and ``images.index_select(0, index)``;
+- the guard's net cost inside a training step (``--steps`` rounds): whole steps (zero_grad, forward and backward on
+  one of 50 random binary batches, the check and its host read, the fused Adam step) with each check against steps
+  with none, the variants interleaved step by step in a rotating order. This counts what the cached rows cannot:
+  the check reads gradients fresh from the backward pass, and leaves them in cache for the optimiser. Variants: the
+  guard's sums after the backward pass (``catvae.callbacks.nonfinite_terms``), torch._foreach_norm, and the same
+  sums taken in post-accumulate-grad hooks, while each gradient is still in cache from its backward kernel.
 
 The table is printed and appended to ``--out`` with the machine it ran on.
 """
@@ -32,6 +38,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from benchmark import machine, publish  # scripts/benchmark.py, beside this script
+from catvae.callbacks import nonfinite_terms
 
 ROOT = Path(__file__).resolve().parents[1]
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
@@ -110,19 +117,66 @@ def rows(calls: int, repeats: int) -> list[tuple[str, str, float]]:
         return [(what, how, per_call_us(function, calls, repeats)) for what, how, function in timed]
 
 
+def guard_rows(steps: int) -> list[tuple[str, str, float]]:
+    """Median us per whole training step with each guard check minus that with none (see the module docstring);
+    the first row is the step without a check."""
+    model = vae_with_gradients()
+    parameters = list(model.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=1e-3, fused=True)
+    generator = torch.Generator().manual_seed(0)
+    batches = torch.rand(50, 100, 784, generator=generator).bernoulli(generator=generator)
+    in_hooks: list[torch.Tensor] | None = None  # the hooks' sums while the hooked variant runs
+
+    def hook(parameter: torch.Tensor) -> None:
+        if in_hooks is not None:
+            in_hooks.append(parameter.grad.sum(dtype=torch.float32))
+
+    for parameter in parameters:
+        parameter.register_post_accumulate_grad_hook(hook)
+    checks = {
+        "no check": lambda loss: False,
+        "one sum per gradient after backward (the guard)":
+            lambda loss: bool(~torch.isfinite(nonfinite_terms(loss, [p.grad for p in parameters]).sum())),
+        "torch._foreach_norm after backward": lambda loss: bool(~torch.isfinite(
+            torch.stack([loss.detach(), *torch._foreach_norm([p.grad for p in parameters])]).sum())),
+        "sums in post-accumulate-grad hooks": lambda loss: bool(~torch.isfinite(
+            torch.stack([loss.detach(), *in_hooks]).sum())),
+    }
+    names = list(checks)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    warmup = max(1, steps // 10)
+    for round_ in range(warmup + steps):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            in_hooks = [] if name == "sums in post-accumulate-grad hooks" else None
+            started = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            estimate, kl, _ = model.nelbo_estimate(batches[round_ % len(batches)])
+            loss = model.surrogate_loss(estimate, kl)
+            loss.backward()
+            checks[name](loss.detach())
+            optimizer.step()
+            if round_ >= warmup:
+                times[name].append((time.perf_counter() - started) * 1e6)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return [("training step", "no check (whole step)", medians["no check"])] + [
+        ("guard in a training step, net", name, medians[name] - medians["no check"]) for name in names[1:]]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=300, help="rounds of the in-step guard rows")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
     args = parser.parse_args(argv)
-    if min(args.calls, args.repeats) < 1:
-        raise SystemExit(f"--calls and --repeats must be >= 1, got {args.calls}, {args.repeats}")
+    if min(args.calls, args.repeats, args.steps) < 1:
+        raise SystemExit(f"--calls, --repeats and --steps must be >= 1, got {args.calls}, {args.repeats}, {args.steps}")
     lines = [f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {machine(torch.device('cpu'))} with "
              f"`python scripts/micro_benchmarks.py "
              f"{' '.join(sys.argv[1:] if argv is None else argv)}` (medians of {args.repeats} means of "
-             f"{args.calls} calls):", "", "| operation | variant | us per call |", "|---|---|---|"]
-    lines += [f"| {what} | {how} | {us:.1f} |" for what, how, us in rows(args.calls, args.repeats)]
+             f"{args.calls} calls; the in-step rows medians of {args.steps} steps each):", "",
+             "| operation | variant | us per call |", "|---|---|---|"]
+    lines += [f"| {what} | {how} | {us:.1f} |" for what, how, us in rows(args.calls, args.repeats) + guard_rows(args.steps)]
     publish(lines, args.out)
 
 

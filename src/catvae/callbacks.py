@@ -200,6 +200,12 @@ class CodeUsage(pl.Callback):
                 logger.log_image(key="val/code_usage", images=[image], step=trainer.global_step)
 
 
+def nonfinite_terms(loss: torch.Tensor, gradients: list[torch.Tensor]) -> torch.Tensor:
+    """[sum of the loss, sum_i g_i of each gradient] in float32: each term is finite iff its tensor is (barring a
+    float32 overflow of the sum, which the guard counts as non-finite), so one isfinite of their total decides."""
+    return torch.stack([loss.float().sum(), *(g.sum(dtype=torch.float32) for g in gradients)])
+
+
 class NonFiniteGuard(pl.Callback):
     """Catches a training step whose loss or gradients are not finite (NaN or inf) before the optimiser applies it.
 
@@ -281,7 +287,7 @@ class NonFiniteGuard(pl.Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         named = [(name, p) for name, p in self.parameters if p.grad is not None]
-        terms = torch.stack([self.loss.float().sum(), *(p.grad.sum(dtype=torch.float32) for _, p in named)])
+        terms = nonfinite_terms(self.loss, [p.grad for _, p in named])
         bad = ~torch.isfinite(terms.sum())  # a non-finite term makes the total NaN or inf (opposite infinities: NaN)
         if self.pending:
             self.defer(bad, terms, named, optimizer)
