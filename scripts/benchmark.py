@@ -20,12 +20,11 @@ memory on CUDA, and the process's peak resident set size on CPU (cumulative: it 
 the same plain runs; with k > 1 the timing starts at the first call that starts at or after ``--warmup``).
 ``--overrides`` change catvae's path (e.g. ``~callbacks.nonfinite_guard`` times it without the non-finite guard,
 ``compile=networks`` with compiled networks; the plain loop stays eager).
-``--clock cpu`` times steps by the process's CPU time instead of wall time: on a virtual machine whose host runs
-other guests the wall time of a step varies by 10-20%, and the CPU time does not count the time stolen (each table
-says how much of the cores' time was stolen during its invocation). ``--iw`` also times the 1000-sample
-importance-weighted test bound on the 10,000 test images. ``--phases`` adds one more run of each path that splits
-a step's wall time into phases (forward, backward, the hooks after backward, the optimiser, the time between
-steps; medians in ms), to show where catvae's extra time goes. The tables are
+Each table says how much of the cores' time the hypervisor stole during its invocation (on a virtual machine,
+time the host gave to other guests). ``--iw`` also times the 1000-sample importance-weighted test bound on the
+10,000 test images. ``--phases`` adds one more run of each path that splits a step's wall time into phases
+(forward, backward, the hooks after backward, the optimiser, the time between steps; medians in ms), to show where
+catvae's extra time goes. The tables are
 printed and written to ``--out`` with the machine they ran on.
 """
 
@@ -66,30 +65,27 @@ class StepTimer(pl.Callback):
 
     step_period = None  # acts once per call, at no particular step (catvae.step_calls)
 
-    def __init__(self, warmup: int, device: torch.device, clock=time.perf_counter):
-        self.warmup, self.device, self.clock = warmup, device, clock
+    def __init__(self, warmup: int, device: torch.device):
+        self.warmup, self.device = warmup, device
         self.started, self.first_step, self.elapsed, self.steps = None, None, None, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.started is None and trainer.global_step >= self.warmup:
-            self.started, self.first_step = synced_time(self.device, self.clock), trainer.global_step
+            self.started, self.first_step = synced_time(self.device), trainer.global_step
 
     def on_train_end(self, trainer, pl_module):
-        self.elapsed = synced_time(self.device, self.clock) - self.started
+        self.elapsed = synced_time(self.device) - self.started
         self.steps = trainer.global_step - self.first_step
 
 
 PHASES = ("forward", "backward", "after backward", "optimizer", "between steps")
-# --clock: wall time, or the process's CPU time (all its threads), which a virtual machine's steal time (the
-# host running other guests while this one waits) does not advance
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def synced_time(device: torch.device, clock=time.perf_counter) -> float:
-    """``clock()`` once the device has finished the work queued so far."""
+def synced_time(device: torch.device) -> float:
+    """perf_counter once the device has finished the work queued so far."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return clock()
+    return time.perf_counter()
 
 
 class PhaseTimer(pl.Callback):
@@ -148,7 +144,7 @@ def compose_run(estimator: str, device: str, out: Path, steps: int, extra: list[
 
 def time_catvae(estimator: str, device: torch.device, warmup: int, steps: int, out: Path,
                 extra: list[str] = (), phases: PhaseTimer | None = None,
-                steps_per_call: int = 1, clock=time.perf_counter) -> tuple[float, object, object]:
+                steps_per_call: int = 1) -> tuple[float, object, object]:
     """steps/s of catvae's path, the data module (for the plain loop) and the configured optimiser factory."""
     cfg = compose_run(estimator, device.type, out, warmup + steps, [*extra, f"steps_per_call={steps_per_call}"])
     use_cached_cuda_check()  # as train.py's run() does
@@ -156,7 +152,7 @@ def time_catvae(estimator: str, device: torch.device, warmup: int, steps: int, o
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # as run() does
     model = build_model(cfg, list(datamodule.image_shape))
-    timer = StepTimer(warmup, device, clock)
+    timer = StepTimer(warmup, device)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [instantiate(cfg.schedule), timer]
     callbacks += [phases] if phases else []
     loggers = [instantiate(c) for c in cfg.logger.values()]
@@ -168,7 +164,7 @@ def time_catvae(estimator: str, device: torch.device, warmup: int, steps: int, o
 
 def time_plain(estimator_name: str, datamodule, device: torch.device, warmup: int, steps: int,
                optimizer_factory=functools.partial(torch.optim.Adam, lr=1e-3),
-               phases: list[list[float]] | None = None, clock=time.perf_counter) -> float:
+               phases: list[list[float]] | None = None) -> float:
     """The minimal loop: same sizes, same estimator object, the given optimiser, batches in device memory.
     With ``phases``, each timed step's stamps are appended to it (as PhaseTimer's; "after backward" is empty)."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -214,12 +210,12 @@ def time_plain(estimator_name: str, datamodule, device: torch.device, warmup: in
 
     for i in range(warmup):
         step(batches[i % len(batches)])
-    started = synced_time(device, clock)
+    started = synced_time(device)
     for i in range(warmup, warmup + steps):
         if phases is not None:
             phases.append([])
         step(batches[i % len(batches)], phases[-1] if phases is not None else None)
-    return steps / (synced_time(device, clock) - started)
+    return steps / (synced_time(device) - started)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -292,8 +288,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps-per-call", type=int, nargs="+", default=[1],
                         help="catvae's steps_per_call values to time (each against the same plain runs)")
     parser.add_argument("--iw", action="store_true", help="also time the 1000-sample test bound")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="time steps by wall time or by the process's CPU time (immune to a VM's steal time)")
     parser.add_argument("--phases", action="store_true", help="also split a step's time into phases (one more run)")
     parser.add_argument("--overrides", nargs="*", default=[],
                         help="extra Hydra overrides for catvae's path, e.g. '~callbacks.nonfinite_guard'")
@@ -305,19 +299,17 @@ def main(argv: list[str] | None = None) -> None:
                          f"{args.repeats}")
     os.environ.setdefault("WANDB_MODE", "disabled")
     device = torch.device(args.device)
-    rows, phase_rows, datamodule, clock, steal_before = [], [], None, CLOCKS[args.clock], cpu_steal_ticks()
+    rows, phase_rows, datamodule, steal_before = [], [], None, cpu_steal_ticks()
     for name in args.estimators:
         rates = {**{k: [] for k in args.steps_per_call}, "same": [], "default": []}
         for _ in range(args.repeats):  # alternated, so that a slow spell of the machine hits every path
             for k in args.steps_per_call:
                 rate, datamodule, optimizer_factory = time_catvae(name, device, args.warmup, args.steps,
-                                                                  args.workdir, args.overrides, steps_per_call=k,
-                                                                  clock=clock)
+                                                                  args.workdir, args.overrides, steps_per_call=k)
                 rates[k].append(rate)
             catvae_memory = peak_memory_mb(device)
-            rates["same"].append(time_plain(name, datamodule, device, args.warmup, args.steps, optimizer_factory,
-                                            clock=clock))
-            rates["default"].append(time_plain(name, datamodule, device, args.warmup, args.steps, clock=clock))
+            rates["same"].append(time_plain(name, datamodule, device, args.warmup, args.steps, optimizer_factory))
+            rates["default"].append(time_plain(name, datamodule, device, args.warmup, args.steps))
         medians = {path: statistics.median(values) for path, values in rates.items()}
         for k in args.steps_per_call:  # paired ratios: each repeat's paths ran back to back
             ratios = {path: statistics.median(c / p for c, p in zip(rates[k], rates[path])) for path in ("same", "default")}
@@ -334,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {machine(device)} with "
              f"`python scripts/benchmark.py {' '.join(sys.argv[1:] if argv is None else argv)}`: batch {BATCH}, "
              f"20x10 VAE, {args.steps} timed steps after {args.warmup} warm-up steps, {args.repeats} alternating "
-             f"repeats: steps/s ({args.clock} clock) are medians, ratios the medians of each repeat's ratio; "
+             f"repeats: steps/s are medians, ratios the medians of each repeat's ratio; "
              f"{steal_share(steal_before)}.", "",
              "| estimator | steps per call | catvae steps/s | plain, same optimiser | catvae / plain | plain, "
              "torch.optim.Adam defaults | catvae / that | ms per step (catvae) | peak memory after catvae, plain (MB) |",

