@@ -12,6 +12,9 @@ cache between calls, so the optimiser and guard rows are lower bounds of their c
   GradScaler's fused non-finite check (which also multiplies the gradients by its scale, here 1);
 - ``torch.cuda.is_available()`` with and without ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` (set by importing Lightning);
 - cutting a batch of 100 training images: ``images[index]`` and ``images.index_select(0, index)``;
+- one-hot draws for a tenth of an SBN validation chunk (10 samples of 100 images x 200 binary units, K = 2), as the
+  importance-weighted bound draws them: Gumbel-max (``sample_categorical``) and CDF inversion
+  (``sample_categorical_by_inversion``);
 - the guard's net cost inside a training step (``--steps`` rounds): whole steps (zero_grad, forward and backward on
   one of 50 random binary batches, the check and its host read, the fused Adam step) with each check against steps
   with none, the variants interleaved step by step in a rotating order. This counts what the cached rows cannot:
@@ -39,6 +42,7 @@ from hydra.utils import instantiate
 
 from benchmark import machine, publish  # scripts/benchmark.py, beside this script
 from catvae.callbacks import nonfinite_terms
+from catvae.relaxations import sample_categorical, sample_categorical_by_inversion
 
 ROOT = Path(__file__).resolve().parents[1]
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
@@ -90,6 +94,7 @@ def rows(calls: int, repeats: int) -> list[tuple[str, str, float]]:
     images, order = torch.rand(50_000, 1, 28, 28), torch.randperm(50_000)
     positions = iter(range(10**9))
     found_inf, one = torch.zeros(()), torch.ones(())
+    sbn_logits = torch.randn(100, 200, 2)
 
     def index() -> torch.Tensor:
         i = next(positions) % 500
@@ -112,6 +117,10 @@ def rows(calls: int, repeats: int) -> list[tuple[str, str, float]]:
         ("torch.cuda.is_available()", "unset (a catvae run)", with_nvml_check(False)),
         ("a batch of 100 images", "images[index] (before)", lambda: images[index()]),
         ("a batch of 100 images", "images.index_select(0, index) (now)", lambda: images.index_select(0, index())),
+        ("one-hot draws, 10 x 100 x 200 x 2", "Gumbel-max, sample_categorical (training)",
+         lambda: sample_categorical(sbn_logits, (10,))),
+        ("one-hot draws, 10 x 100 x 200 x 2", "CDF inversion, sample_categorical_by_inversion (evaluation)",
+         lambda: sample_categorical_by_inversion(sbn_logits, (10,))),
     ]
     with torch.no_grad():
         return [(what, how, per_call_us(function, calls, repeats)) for what, how, function in timed]

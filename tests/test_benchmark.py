@@ -30,7 +30,8 @@ def test_micro_benchmarks_write_their_table(tmp_path):
                            "1", "--steps", "2", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     table = out.read_text()
-    assert table.count("\n| ") == 16  # header and fifteen rows
+    assert table.count("\n| ") == 18  # header and seventeen rows
     assert "| Adam step | fused=True |" in table and "PYTORCH_NVML_BASED_CUDA_CHECK=1" in table
     assert "| guard reduction | torch._amp_foreach_non_finite_check_and_unscale_" in table
+    assert "| one-hot draws, 10 x 100 x 200 x 2 | CDF inversion, sample_categorical_by_inversion (evaluation) |" in table
     assert "| guard in a training step, net | sums in post-accumulate-grad hooks |" in table

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from catvae.relaxations import (categorical_log_prob, conditional_gumbel, decoupled_gumbel_softmax, gumbel_softmax,
-                                kl_to_uniform, one_hot_argmax, sample_categorical)
+                                kl_to_uniform, one_hot_argmax, sample_categorical, sample_categorical_by_inversion)
 
 
 def test_gumbel_max_frequencies_match_softmax():
@@ -18,6 +18,25 @@ def test_gumbel_max_frequencies_match_softmax():
     p = logits.softmax(-1)
     standard_error = (p * (1 - p) / n).sqrt()
     assert ((counts / n - p).abs() / standard_error).max() < 4.5
+
+
+@pytest.mark.parametrize("sampler", [sample_categorical, sample_categorical_by_inversion])
+def test_one_hot_samplers_draw_softmax_frequencies_and_never_a_masked_class(sampler):
+    """Both samplers are one-hot draws from softmax(logits), over K = 2, 4 and 5 with a class of probability 0
+    first, in the middle and last; the sample dims lead. Tolerance: 4.5 standard errors of each frequency."""
+    torch.manual_seed(5)
+    inf = math.inf
+    for logits in (torch.tensor([[0.3, -1.2], [4.0, 0.0]]),
+                   torch.tensor([[2.0, 0.5, -1.0, 0.0], [-3.0, 1.0, 1.0, 0.2]]),
+                   torch.tensor([[-inf, 1.0, -inf, 0.5, -inf], [0.1, -inf, 0.7, 2.0, -inf]])):
+        n = 200_000
+        z = sampler(logits, (n, 1))  # (n, 1, N, K)
+        assert z.shape == (n, 1, *logits.shape) and z.dtype == logits.dtype
+        assert torch.equal(z.sum(-1), torch.ones(n, 1, logits.shape[0]))
+        p = logits.softmax(-1)
+        assert (z.sum((0, 1))[p == 0] == 0).all(), "a class of probability 0 was drawn"
+        standard_error = (p * (1 - p) / n).sqrt().clamp_min(1e-12)
+        assert ((z.sum((0, 1)) / n - p).abs() / standard_error).max() < 4.5
 
 
 @pytest.mark.parametrize("tau", [0.1, 1.0, 5.0])
@@ -163,6 +182,7 @@ SAMPLERS = {
     "gumbel_softmax": lambda logits, g: gumbel_softmax(logits, 0.5, generator=g),
     "gumbel_softmax_hard": lambda logits, g: gumbel_softmax(logits, 0.5, hard=True, sample_shape=(3,), generator=g),
     "sample_categorical": lambda logits, g: sample_categorical(logits, (4,), generator=g),
+    "sample_categorical_by_inversion": lambda logits, g: sample_categorical_by_inversion(logits, (4,), generator=g),
     "conditional_gumbel": lambda logits, g: conditional_gumbel(logits, one_hot_argmax(logits), (2,), generator=g),
     "decoupled_gumbel_softmax": lambda logits, g: decoupled_gumbel_softmax(logits, 0.7, 0.4, generator=g),
 }

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from catvae.relaxations import categorical_log_prob, sample_categorical
+from catvae.relaxations import categorical_log_prob, sample_categorical_by_inversion
 
 
 @torch.no_grad()
@@ -27,7 +27,7 @@ def importance_weighted_nll(logits: Tensor, log_joint: Callable[[Tensor], Tensor
     total = torch.full(logits.shape[:1], -math.inf, device=logits.device)  # (B,)
     for start in range(0, n_samples, chunk_size):
         size = min(chunk_size, n_samples - start)
-        z = sample_categorical(logits, (size,))  # (C, B, N, K)
+        z = sample_categorical_by_inversion(logits, (size,))  # (C, B, N, K)
         log_w = log_joint(z).float() - categorical_log_prob(logits, z)  # (C, B)
         total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
     return math.log(n_samples) - total

@@ -18,7 +18,7 @@ from catvae.evaluation import importance_weighted_nll
 from catvae.models.networks import mlp
 from catvae.models.stepped import SteppedModule
 from catvae.models.optim import OptimizerFactory, estimator_parameter_groups
-from catvae.relaxations import categorical_log_prob, sample_categorical
+from catvae.relaxations import categorical_log_prob, sample_categorical_by_inversion
 from catvae.step_logging import written_this_step
 from catvae.validation import check_integer, check_sizes
 
@@ -121,7 +121,7 @@ class StructuredPredictionSBN(SteppedModule):
         """log p(x_lower | h_L) for one ancestral draw h_2..h_L below each h1 (S, B, N, K) -> (S, B)."""
         h = h1
         for layer in range(1, len(self.layers)):
-            h = sample_categorical(self.layer_logits(layer, h.flatten(-2).flatten(0, -2)).view(h.shape))
+            h = sample_categorical_by_inversion(self.layer_logits(layer, h.flatten(-2).flatten(0, -2)).view(h.shape))
         return -self.lower_nll(h, x_lower)
 
     @torch.no_grad()
