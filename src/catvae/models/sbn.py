@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from catvae.estimators import Estimate, Estimator
-from catvae.evaluation import importance_weighted_nll
+from catvae.evaluation import negative_log_mean_weight
 from catvae.models.networks import mlp
 from catvae.models.stepped import SteppedModule
 from catvae.models.optim import OptimizerFactory, estimator_parameter_groups
-from catvae.relaxations import categorical_log_prob, sample_categorical_by_inversion
+from catvae.relaxations import sample_categorical_by_inversion
 from catvae.step_logging import written_this_step
 from catvae.validation import check_integer, check_sizes
 
@@ -128,14 +128,16 @@ class StructuredPredictionSBN(SteppedModule):
     def prediction_nll(self, images: Tensor, n_samples: int) -> Tensor:
         """-log (1/m) sum_i p(x_lower | h_i), h_i ~ p(h | x_upper) one-hot, per example (B,).
 
-        Computed as the importance-weighted bound with the first layer's p(h_1 | x_upper) as proposal and
-        the log-joint log p(x_lower | h_L) + log p(h_1 | x_upper), so the weights are p(x_lower | h_L).
+        The weights are p(x_lower | h_L) of ancestral draws (the importance-weighted bound with the prior
+        p(h_1 | x_upper) as its own proposal, whose log-probabilities cancel).
         """
         x_upper, x_lower = self.halves(images)
         logits = self.layer_logits(0, x_upper)  # (B, N, K)
-        return importance_weighted_nll(
-            logits, lambda h1: self.sample_lower_log_likelihood(h1, x_lower) + categorical_log_prob(logits, h1),
-            n_samples, self.chunk_size)
+
+        def draw_log_weights(size: int) -> Tensor:
+            return self.sample_lower_log_likelihood(sample_categorical_by_inversion(logits, (size,)), x_lower)
+
+        return negative_log_mean_weight(draw_log_weights, n_samples, self.chunk_size)
 
     # ----- Lightning hooks -----
     def training_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
