@@ -72,7 +72,9 @@ def sample_categorical_by_inversion(logits: Tensor, sample_shape: tuple[int, ...
     (*sample_shape, ..., K), dtype of ``logits``, no gradient.
 
     The same distribution as :func:`sample_categorical` from one uniform per variable instead of K Gumbel
-    draws and an argmax: for evaluation, where the draws are many and no relaxation shares their noise.
+    draws and an argmax; evaluation, where the draws are many, uses it. Training keeps Gumbel-max, whose
+    noise a seed shares with :func:`gumbel_softmax`, so that the estimators' random streams, and the runs
+    of the full-length campaign, stay those of earlier commits.
     The classes are moved to the leading dim first, because torch's CPU reductions over a short last dim
     (K = 2 in a sigmoid belief net) are several times slower than over a leading one. F_K = 1 exactly (a
     float divided by itself), and a class of probability 0 repeats its predecessor's F, so it is never drawn.
