@@ -300,6 +300,31 @@ def grid_markdown(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def short_override(override: str) -> str:
+    """An override without its group prefix: 'model.optimizer.lr=0.003' -> 'lr=0.003'."""
+    key, value = override.split("=", 1)
+    return f"{key.rsplit('.', 1)[-1]}={value}"
+
+
+def cells_markdown(rows: list[dict[str, str]]) -> str:
+    """One line per cell (and metric, where the CSV has several) of a table<N>.csv, as the CSV holds it: the paper's
+    value, mean +- std (ddof=1) over the seeds to two decimals, the number of seeds, the selected setting (its
+    overrides without their group prefix) and the wall time summed over the cell's runs."""
+    several = len({row["metric"] for row in rows}) > 1
+    lines = ["| row | column | " + ("metric | " if several else "")
+             + "paper | ours (mean +- std) | seeds | selected | wall time |",
+             "|---|---|" + ("---|" if several else "") + "---|---|---|---|---|"]
+    for row in rows:
+        paper = f"{float(row['paper']):.1f}" if row["paper"] else "-"
+        mean, std = float(row["mean"]), float(row["std"])
+        ours = f"**{mean:.2f}**" + ("" if math.isnan(std) else f" +- {std:.2f}")
+        setting = " ".join(short_override(override) for override in row["setting"].split())
+        lines.append(f"| {ROWS[row['row']].label} | {COLUMNS[row['column']][1]} | "
+                     + (f"{row['metric']} | " if several else "")
+                     + f"{paper} | {ours} | {row['seeds']} | {setting} | {float(row['wall_time_min']):.1f} min |")
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="directory of all runs, commands.txt and table<N>.md/.csv")

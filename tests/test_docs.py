@@ -90,3 +90,16 @@ def test_the_table1_grids_of_the_reproduction_page_are_what_their_csvs_give():
     for name, shown in blocks:
         with open(ROOT / "docs" / "reproduction" / name) as handle:
             assert shown == reproduce_jang2017.grid_markdown(list(csv.DictReader(handle))), name
+
+
+def test_the_cell_tables_of_the_reproduction_page_are_what_their_csvs_give():
+    """A table between <!-- cells-cpu: NAME --> and <!-- /cells-cpu --> is cells_markdown of docs/reproduction/NAME."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import reproduce_jang2017
+
+    page = (ROOT / "docs" / "reproduction.md").read_text()
+    blocks = re.findall(r"<!-- cells-cpu: (\S+) -->\n(.*?)<!-- /cells-cpu -->", page, re.S)
+    assert {name for name, _ in blocks} == {"table1_cpu.csv", "table2_cpu.csv"}
+    for name, shown in blocks:
+        with open(ROOT / "docs" / "reproduction" / name) as handle:
+            assert shown == reproduce_jang2017.cells_markdown(list(csv.DictReader(handle))), name

@@ -79,3 +79,18 @@ def test_bad_arguments_name_the_value(args, message, tmp_path):
     result = subprocess.run([sys.executable, "scripts/reproduce_jang2017.py", "--out", str(tmp_path), *args],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_cells_markdown_shows_each_csv_line_as_it_is_held():
+    rows = [{"row": "sbn_cat", "column": "st", "metric": "nats", "paper": "61.8", "mean": "98.1", "std": "1.6",
+             "seeds": "3", "setting": "model.optimizer.lr=0.003", "wall_time_min": "2.2"},
+            {"row": "sbn_cat", "column": "rloo", "metric": "nats", "paper": "", "mean": "95.404", "std": "nan",
+             "seeds": "1", "setting": "model.optimizer.lr=0.003 schedule.rate=1e-4", "wall_time_min": "0.36"}]
+    assert reproduce.cells_markdown(rows).splitlines() == [
+        "| row | column | paper | ours (mean +- std) | seeds | selected | wall time |",
+        "|---|---|---|---|---|---|---|",
+        "| SBN (Cat.) | ST | 61.8 | **98.10** +- 1.60 | 3 | lr=0.003 | 2.2 min |",
+        "| SBN (Cat.) | RLOO | - | **95.40** | 1 | lr=0.003 rate=1e-4 | 0.4 min |"]
+    rows[1]["metric"] = "accuracy %"
+    assert reproduce.cells_markdown(rows).splitlines()[2] == (
+        "| SBN (Cat.) | ST | nats | 61.8 | **98.10** +- 1.60 | 3 | lr=0.003 | 2.2 min |")
