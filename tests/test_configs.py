@@ -8,7 +8,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
-from catvae.run import run
+from catvae.run import run, set_flush_denormal
 from conftest import CONF_DIR, FAST, compose_config
 
 GROUPS = ["data", "model", "estimator", "schedule", "callbacks", "logger", "trainer"]
@@ -114,6 +114,7 @@ BAD_INPUTS = [
     (["resume=/nonexistent/run"], r"resume='/nonexistent/run' is neither a checkpoint file nor a run directory"),
     (["seed=-1"], r"seed must be an integer >= 0, got -1"),
     (["test_ckpt=first"], r"test_ckpt='first' is not allowed; choose one of \['best', 'last', None\]"),
+    (["flush_denormal=sometimes"], r"flush_denormal='sometimes' is not allowed; choose one of \[False, True\]"),
 ]
 
 
@@ -133,3 +134,22 @@ def test_unreadable_data_dir_is_rejected_before_training(tmp_path):
     with pytest.raises(Exception, match=f"data.data_dir='{not_a_dir}' is not a readable directory"):
         run(cfg)
     assert not Path(tmp_path / "run" / "csv").exists()
+
+
+def test_flush_denormal_reads_denormals_as_zero_and_the_sbn_experiments_turn_it_on(tmp_path):
+    denormal = torch.tensor([1e-39])
+    assert denormal.item() > 0
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        set_flush_denormal(True)
+        assert (denormal * 1.0).item() == 0.0
+        set_flush_denormal(False)
+        assert (denormal * 1.0).item() > 0
+        run(compose_config(FAST + ["flush_denormal=true"], tmp_path / "run"))  # run() sets it from the config
+        assert (denormal * 1.0).item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)
+    for experiment in ("jang2017_table1_sbn_bern", "jang2017_table1_sbn_cat", "jang2017_sbn_base"):
+        assert compose_config([f"experiment={experiment}"], tmp_path / experiment).flush_denormal is True
+    assert compose_config([], tmp_path / "default").flush_denormal is False

@@ -16,7 +16,7 @@ def test_one_hot_samplers_draw_softmax_frequencies_and_never_a_masked_class(samp
     first, in the middle and last; the sample dims lead. Tolerance: 4.5 standard errors of each frequency."""
     torch.manual_seed(5)
     inf = math.inf
-    for logits in (torch.tensor([[0.3, -1.2], [4.0, 0.0]]),
+    for logits in (torch.tensor([[0.3, -1.2], [4.0, 0.0], [-inf, 0.5], [1.0, -inf]]),
                    torch.tensor([[2.0, 0.5, -1.0, 0.0], [-3.0, 1.0, 1.0, 0.2]]),
                    torch.tensor([[-inf, 1.0, -inf, 0.5, -inf], [0.1, -inf, 0.7, 2.0, -inf]])):
         n = 200_000
@@ -183,15 +183,15 @@ def test_a_seeded_generator_reproduces_the_draws_and_leaves_the_global_stream_al
     """The same seed gives the same draws whatever the global generator did in between, the global stream is not
     advanced by them, and another seed gives other draws (unlike torch.nn.functional.gumbel_softmax, which has no
     generator argument)."""
-    logits = torch.randn(5, 4, 6)
-    torch.manual_seed(0)
-    first = SAMPLERS[name](logits, torch.Generator().manual_seed(17))
-    after_first = torch.rand(3)
-    torch.manual_seed(1)
-    torch.rand(100)
-    second = SAMPLERS[name](logits, torch.Generator().manual_seed(17))
-    torch.testing.assert_close(first, second, rtol=0, atol=0)
-    torch.manual_seed(0)
-    torch.testing.assert_close(torch.rand(3), after_first, rtol=0, atol=0)  # the global stream did not move
-    other = SAMPLERS[name](logits, torch.Generator().manual_seed(18))
-    assert not torch.equal(first, other)
+    for logits in (torch.randn(5, 4, 6), torch.randn(5, 4, 2)):
+        torch.manual_seed(0)
+        first = SAMPLERS[name](logits, torch.Generator().manual_seed(17))
+        after_first = torch.rand(3)
+        torch.manual_seed(1)
+        torch.rand(100)
+        second = SAMPLERS[name](logits, torch.Generator().manual_seed(17))
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+        torch.manual_seed(0)
+        torch.testing.assert_close(torch.rand(3), after_first, rtol=0, atol=0)  # the global stream did not move
+        other = SAMPLERS[name](logits, torch.Generator().manual_seed(18))
+        assert not torch.equal(first, other)

@@ -78,9 +78,17 @@ def sample_categorical_by_inversion(logits: Tensor, sample_shape: tuple[int, ...
     The classes are moved to the leading dim first, because torch's CPU reductions over a short last dim
     (K = 2 in a sigmoid belief net) are several times slower than over a leading one. F_K = 1 exactly (a
     float divided by itself), and a class of probability 0 repeats its predecessor's F, so it is never drawn.
+    For K = 2, F_1 = sigmoid(l_1 - l_2) directly, without the softmax and the sums (about 3x faster).
     """
     with torch.no_grad():
         n_classes, batch_shape = logits.shape[-1], logits.shape[:-1]
+        if n_classes == 2:
+            first_cdf = torch.sigmoid(logits[..., 0].float() - logits[..., 1].float())  # (...)
+            u = torch.rand(tuple(sample_shape) + tuple(batch_shape), device=logits.device, generator=generator)
+            one_hot = torch.empty(*u.shape, 2, dtype=logits.dtype, device=logits.device)
+            one_hot[..., 1] = first_cdf <= u
+            one_hot[..., 0] = 1 - one_hot[..., 1]
+            return one_hot
         cdf = logits.float().movedim(-1, 0).contiguous().softmax(0).cumsum(0)  # (K, ...)
         cdf = (cdf[:-1] / cdf[-1:]).view(n_classes - 1, *(1,) * len(sample_shape), *batch_shape)
         u = torch.rand(tuple(sample_shape) + tuple(batch_shape), device=logits.device, generator=generator)

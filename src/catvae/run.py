@@ -55,9 +55,18 @@ def check_run_config(cfg: DictConfig) -> None:
     check_integer("seed", cfg.seed, minimum=0)
     check_choice("test_ckpt", cfg.test_ckpt, TEST_CHECKPOINTS)
     check_integer("steps_per_call", cfg.get("steps_per_call", 1))
+    check_choice("flush_denormal", cfg.get("flush_denormal", False), (False, True))
     resume = cfg.get("resume")
     if resume is not None and (not isinstance(resume, str) or not resume):
         raise ValueError(f"resume must be a checkpoint path or a run directory, got {resume!r}")
+
+
+def set_flush_denormal(flush: bool) -> None:
+    """Denormal floats (|x| < 1.2e-38) read and written as 0 on the CPU, or not; threads started later inherit it.
+    Flushing changes nothing a run measures but skips the CPU's slow path for such values, which a trained SBN's
+    saturated units produce (docs/performance.md)."""
+    if not torch.set_flush_denormal(flush) and flush:
+        log.warning("flush_denormal=true: this CPU cannot flush denormals; they are kept")
 
 
 def instantiate_group(group: DictConfig | None) -> list:
@@ -171,6 +180,7 @@ def train_and_test(cfg: DictConfig, output_dir: Path) -> dict:
     check_run_config(cfg)
     started = time.time()
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    set_flush_denormal(cfg.get("flush_denormal", False))
     pl.seed_everything(cfg.seed, workers=True)
 
     # Everything that can reject bad input is built before the trainer starts.
