@@ -201,6 +201,26 @@ def test_a_run_killed_twice_and_before_its_first_checkpoint_resumes_exactly(unin
     assert_continues(uninterrupted("reinforce"), last, 12)
 
 
+def test_a_run_resumed_at_an_epoch_end_then_killed_at_the_next_resumes_exactly(tmp_path):
+    """Killed after epoch 0's end checkpoints, resumed, killed after epoch 1's (step000016, written by the resumed run),
+    resumed again: the second resume starts epoch 2, as the uninterrupted run does, instead of training epoch 1 again
+    (Lightning's restart at an epoch's last batch left that run's epoch counters one short)."""
+    by_epochs = ["trainer.max_steps=-1"]  # 3 whole epochs, 24 steps: the campaign's runs count epochs, not steps
+    kill = ["+callbacks.kill._target_=test_kill_resume.KillAt", "+callbacks.kill.hook=on_train_epoch_start"]
+    full, first, second, last = (tmp_path / name for name in ("full", "first", "second", "last"))
+    run(config(full, "rloo", *by_epochs))
+    run_until_killed(config(first, "rloo", *by_epochs, *kill, "+callbacks.kill.step=8"))
+    run_until_killed(config(second, "rloo", *by_epochs, *kill, "+callbacks.kill.step=16", f"resume={first}"))
+    results = run(config(last, "rloo", *by_epochs, f"resume={second}"))
+    assert Path(results["resumed_from"]).name == "step000016.ckpt"
+    expected = json.loads((full / "results.json").read_text())
+    assert results["global_step"] == expected["global_step"] == 24 and results["metrics"] == expected["metrics"]
+    assert_same(checkpoint_state(full / "checkpoints" / "step000024.ckpt"),
+                checkpoint_state(last / "checkpoints" / "step000024.ckpt"))
+    full_rows, resumed_rows = logged(full), logged(last)
+    assert resumed_rows == full_rows[len(full_rows) - len(resumed_rows):] and resumed_rows[0]["step"] == "16"
+
+
 def test_a_killed_multirun_job_reruns_with_resume(uninterrupted, tmp_path):
     """A 2-job multirun killed in its second job (the first finished); re-run with resume=<old sweep>/<job number>: the
     finished job is only tested again, the killed one continues; both end as uninterrupted runs end. compare.py reports

@@ -247,6 +247,29 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [path]
 
 
+def test_status_writes_are_atomic(tmp_path, monkeypatch):
+    """A crash in the middle of writing status.json leaves the previous status whole: a campaign polling the run,
+    or a resume after the kill, never reads half a file."""
+    from pathlib import Path
+
+    from catvae.sweep import read_status, write_status
+
+    write_status(tmp_path, "running", ["seed=0"])
+    write_text = Path.write_text
+
+    def crash(self, data, *args, **kwargs):
+        write_text(self, data[: len(data) // 2], *args, **kwargs)
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(Path, "write_text", crash)
+    with pytest.raises(OSError, match="simulated"):
+        write_status(tmp_path, "finished", ["seed=0"])
+    monkeypatch.undo()
+    assert read_status(tmp_path)["status"] == "running"
+    write_status(tmp_path, "finished", ["seed=0"])
+    assert read_status(tmp_path)["status"] == "finished"
+
+
 @pytest.mark.parametrize("bad", [[math.inf], [math.nan], [math.inf, -math.inf]], ids=["inf", "nan", "inf-inf"])
 def test_the_guard_names_a_non_finite_gradient(bad):
     """Any inf or NaN entry, including +inf and -inf in one tensor (whose sum is NaN, not inf), is caught."""

@@ -125,6 +125,7 @@ class ResumePoint(pl.Callback):
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         fit_loop = checkpoint["loops"]["fit_loop"]
+        count_the_epoch_under_way(fit_loop)
         if training_is_over(fit_loop, trainer.max_steps, trainer.max_epochs):
             count_the_last_epoch(fit_loop)
         self.point = {"global_step": checkpoint["global_step"], "loops": checkpoint["loops"]}
@@ -198,6 +199,18 @@ def training_is_over(fit_loop: dict[str, Any], max_steps: int, max_epochs: int |
     epoch_ends = fit_loop["epoch_loop.batch_progress"]["is_last_batch"]
     epochs = fit_loop["epoch_progress"]["current"]["processed"] + int(epoch_ends)
     return (max_steps != -1 and step >= max_steps) or (max_epochs not in (None, -1) and epochs >= max_epochs)
+
+
+def count_the_epoch_under_way(fit_loop: dict[str, Any]) -> None:
+    """A point's epoch counted as ready and started, as in a run never resumed. Lightning, resumed at an epoch's last
+    batch, closes that epoch but starts the next without counting it; a checkpoint of that run then reads as written
+    between epochs, and a second resume from it would train its epoch again (an extra epoch in a run that counts
+    epochs). A point always follows an optimiser step, so its epoch is under way."""
+    epochs = fit_loop["epoch_progress"]
+    if fit_loop["epoch_loop.batch_progress"]["current"]["processed"] > 0 and \
+            epochs["total"]["started"] == epochs["total"]["processed"]:
+        for counts in (epochs["current"], epochs["total"]):
+            counts["ready"] = counts["started"] = counts["processed"] + 1
 
 
 def count_the_last_epoch(fit_loop: dict[str, Any]) -> None:

@@ -38,14 +38,18 @@ def process_start(pid: int) -> str | None:
 
 def write_status(output_dir: Path, status: str, overrides: list[str], error: BaseException | None = None,
                  **extra: Any) -> None:
-    """Writes status.json; ``extra`` adds entries (the resume chain)."""
+    """Writes status.json; ``extra`` adds entries (the resume chain). The file is replaced whole (written beside it,
+    then renamed), so a reader (a campaign polling its parts) never sees it half-written, nor does a resume after a
+    kill in the middle of the write."""
     record: dict[str, Any] = {"status": status, "overrides": overrides, "pid": os.getpid(),
                               "host": socket.gethostname(), "process_start": process_start(os.getpid()), **extra}
     if error is not None:
         record["error"] = f"{type(error).__name__}: {error}"
         record["traceback"] = "".join(traceback.format_exception(error))
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / STATUS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    partial = output_dir / f".{STATUS_FILE}.{os.getpid()}.partial"
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(partial, output_dir / STATUS_FILE)
 
 
 def run_state(record: dict[str, Any] | None) -> str:
