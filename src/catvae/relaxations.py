@@ -78,7 +78,7 @@ def sample_categorical_by_inversion(logits: Tensor, sample_shape: tuple[int, ...
     The classes are moved to the leading dim first, because torch's CPU reductions over a short last dim
     (K = 2 in a sigmoid belief net) are several times slower than over a leading one. F_K = 1 exactly (a
     float divided by itself), and a class of probability 0 repeats its predecessor's F, so it is never drawn.
-    For K = 2, F_1 = sigmoid(l_1 - l_2) directly, without the softmax and the sums (about 3x faster).
+    For K = 2, F_1 = sigmoid(l_1 - l_2) directly, without the softmax and the sums (docs/performance.md).
     """
     with torch.no_grad():
         n_classes, batch_shape = logits.shape[-1], logits.shape[:-1]
