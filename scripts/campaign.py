@@ -4,7 +4,8 @@ JSON record per finished run, and the table built from the records alone.
 - The queue (:func:`table1_jobs`): rows VAE (Cat.), VAE (Bern.), SBN (Bern.), SBN (Cat.), in that order; in each, seeds
   0, 1, 2 of the paper's 7 columns; each run ``experiment=<row> protocol=full table1_column=<column>
   model.optimizer.lr=<rate>`` with the rate the short CPU protocol selected for that cell
-  (``docs/reproduction/table1_cpu.csv``); then the sensitivity runs (other rates, seed 0).
+  (``docs/reproduction/table1_cpu.csv``); then the sensitivity runs (other rates, seed 0); then, one seed each, the
+  modern columns the short protocol ran (``table1_cpu_modern.csv``, ``table1_cpu_modern_2021.csv``) at its rate.
 - :class:`Campaign` runs it ``n_jobs`` at a time, one thread each. A job's runs live in
   ``<campaign>/<row>/<column>/<name>/part<i>``: each part is one process; a part that was killed (its status says
   running, its process is gone) is continued by a new part with ``resume=`` the newest part holding a checkpoint
@@ -18,7 +19,7 @@ JSON record per finished run, and the table built from the records alone.
   value per epoch, across parts), the best validation value and its epoch, wall time, threads, and the parts it was
   resumed through.
 - :func:`table_markdown` builds the table from the records only: mean +- std (ddof=1) over seeds beside the paper's
-  number, per-seed values, the rate and the wall time.
+  number, per-seed values, the rate and the wall time; the modern columns' records in a table of their own.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ from catvae.sweep import process_start, read_status, run_state  # noqa: E402
 FULL_ROWS = ("vae_cat", "vae_bern", "sbn_bern", "sbn_cat")  # the campaign's order
 SEEDS = (0, 1, 2)
 CPU_SELECTION = ROOT / "docs" / "reproduction" / "table1_cpu.csv"
+# The modern columns the short protocol ran (one seed, no selection): run after the paper's, one seed each.
+MODERN_RUNS = (ROOT / "docs" / "reproduction" / "table1_cpu_modern.csv",
+               ROOT / "docs" / "reproduction" / "table1_cpu_modern_2021.csv")
 # Does the short protocol's rate hold at full length? One seed each at another rate.
 SENSITIVITY = (("vae_cat", "gumbel_softmax", 1e-3), ("vae_cat", "sf", 3e-4), ("sbn_bern", "gumbel_softmax", 1e-3))
 MAX_FAILURES = 2  # a failed part is retried once
@@ -68,18 +72,27 @@ class Job:
 
 
 def selected_learning_rates(path: Path = CPU_SELECTION) -> dict[tuple[str, str], float]:
-    """(row, column) -> the learning rate the short CPU protocol selected on validation."""
+    """(row, column) -> the learning rate the short CPU protocol selected on validation (or ran at), in the CSV's
+    order."""
     with path.open() as handle:
         return {(r["row"], r["column"]): float(next(s for s in r["setting"].split() if s.startswith(
             "model.optimizer.lr=")).split("=")[1]) for r in csv.DictReader(handle)}
 
 
-def table1_jobs(rows=FULL_ROWS, columns=TABLE1_COLUMNS, seeds=SEEDS, sensitivity=SENSITIVITY) -> list[Job]:
+def table1_jobs(rows=FULL_ROWS, columns=TABLE1_COLUMNS, seeds=SEEDS, sensitivity=SENSITIVITY,
+                modern=MODERN_RUNS) -> list[Job]:
+    """The paper's columns x seeds row by row, the sensitivity runs, then seed 0 of every (row, column) of the
+    ``modern`` CSVs, rows in the campaign's order."""
     rates = selected_learning_rates()
     jobs = [Job(row, column, seed, rates[row, column], f"seed{seed}") for row in rows for seed in seeds
             for column in columns]
-    return jobs + [Job(row, column, 0, lr, f"lr{lr:g}_seed0") for row, column, lr in sensitivity
-                   if row in rows and column in columns]
+    jobs += [Job(row, column, 0, lr, f"lr{lr:g}_seed0") for row, column, lr in sensitivity
+             if row in rows and column in columns]
+    for path in modern:
+        modern_rates = selected_learning_rates(path)
+        jobs += [Job(row, column, 0, modern_rates[row, column], "seed0") for row in rows
+                 for (rate_row, column) in modern_rates if rate_row == row]
+    return jobs
 
 
 def commit_of(code: Path) -> str:
@@ -313,4 +326,14 @@ def table_markdown(records: list[dict]) -> str:
             resumed = ", ".join(f"seed {r['seed']} ({r['parts']} parts)" for r in found if r["resumed"]) or "-"
             lines.append(f"| {ROWS[row].label} | {COLUMNS[column][1]} | {ROWS[row].paper[column][0]} | "
                          f"{format_mean(values)} | {seeds} | {rates} | {steps} | {minutes:.1f} min | {resumed} |")
+    modern = [r for row in FULL_ROWS for r in records if r["row"] == row and r["column"] not in TABLE1_COLUMNS]
+    if modern:
+        lines += ["", "Columns the paper did not have, at full length (one seed, the short protocol's rate):", "",
+                  "| row | column | test NLL (seed) | best val. epoch | lr | global step | wall time | resumed |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in modern:
+            resumed = f"{r['parts']} parts" if r["resumed"] else "-"
+            lines.append(f"| {ROWS[r['row']].label} | {COLUMNS[r['column']][1]} | {r['test'][r['metric']]:.2f} "
+                         f"({r['seed']}) | {r['best_validation']['epoch']} | {r['lr']:g} | {r['global_step']} | "
+                         f"{r['wall_time_s'] / 60:.1f} min | {resumed} |")
     return "\n".join(lines) + "\n"

@@ -19,7 +19,7 @@ import campaign  # noqa: E402
 # Tiny VAE (Cat.) runs: 3 epochs of 8 steps on synthetic data, a step checkpoint every 4 steps.
 TINY = ("data=synthetic", "data.batch_size=64", "model.hidden_sizes=[16]", "model.n_vars=3", "model.n_classes=3",
         "model.iw_samples=10", "trainer.max_epochs=3", "callbacks.step_checkpoint.every_n_train_steps=4")
-JOBS = "campaign.table1_jobs(['vae_cat'], ['gumbel_softmax', 'sf'], [0], sensitivity=())"
+JOBS = "campaign.table1_jobs(['vae_cat'], ['gumbel_softmax', 'sf'], [0], sensitivity=(), modern=())"
 
 
 def start_campaign(directory, records, *overrides):
@@ -74,7 +74,7 @@ def test_a_killed_campaign_continues_exactly_and_loses_nothing(tmp_path):
 
 
 def test_a_failing_run_is_retried_once_then_reported(tmp_path):
-    jobs = campaign.table1_jobs(["vae_cat"], ["gumbel_softmax"], [0], sensitivity=())
+    jobs = campaign.table1_jobs(["vae_cat"], ["gumbel_softmax"], [0], sensitivity=(), modern=())
     run = campaign.Campaign(jobs, tmp_path / "campaign", tmp_path / "records", 2, TINY + ("estimator.tau=-1",),
                             poll_s=0.2)
     assert run.run() == {"failed": 1}
@@ -84,7 +84,7 @@ def test_a_failing_run_is_retried_once_then_reported(tmp_path):
 
 
 def test_past_its_launch_time_a_campaign_starts_nothing_and_stops(tmp_path):
-    jobs = campaign.table1_jobs(["vae_cat"], ["gumbel_softmax"], [0], sensitivity=())
+    jobs = campaign.table1_jobs(["vae_cat"], ["gumbel_softmax"], [0], sensitivity=(), modern=())
     run = campaign.Campaign(jobs, tmp_path / "campaign", tmp_path / "records", 2, TINY, poll_s=0.2,
                             launch_until=time.time() - 1)
     assert run.run() == {"todo": 1}
@@ -109,6 +109,39 @@ def test_the_table_gives_mean_std_and_seeds_of_the_records():
     (detail,) = [line for line in table.splitlines() if line.startswith("| VAE (Cat.) | Gumbel-S. |")]
     assert detail == ("| VAE (Cat.) | Gumbel-S. | 101.5 | 102.0 ± 2.0 | 0: 100.00 (90), 1: 102.00 (90), 2: 104.00 (90) "
                       "| 0.003 | 50000 | 21.0 min | seed 1 (3 parts) |")
+
+
+def test_the_queue_is_the_papers_columns_then_the_sensitivity_runs_then_the_modern_columns():
+    import csv
+
+    jobs = campaign.table1_jobs()
+    paper, sensitivity, modern = jobs[:84], jobs[84:87], jobs[87:]
+    assert [(j.row, j.column, j.seed) for j in paper] == [(row, column, seed) for row in campaign.FULL_ROWS
+                                                          for seed in (0, 1, 2) for column in campaign.TABLE1_COLUMNS]
+    assert [j.name for j in sensitivity] == ["lr0.001_seed0", "lr0.0003_seed0", "lr0.001_seed0"]
+    ran = {}
+    for path in campaign.MODERN_RUNS:
+        with path.open() as handle:
+            ran.update({(r["row"], r["column"]): r["setting"] for r in csv.DictReader(handle)})
+    assert sorted((j.row, j.column) for j in modern) == sorted(ran) and len(modern) == 51
+    assert all(j.seed == 0 and j.name == "seed0" and ran[j.row, j.column] == f"model.optimizer.lr={j.lr:g}"
+               and j.column not in campaign.TABLE1_COLUMNS for j in modern)
+    for block in (modern[:36], modern[36:]):  # each CSV's runs, rows in the campaign's order
+        order = [campaign.FULL_ROWS.index(j.row) for j in block]
+        assert order == sorted(order)
+
+
+def test_a_modern_columns_record_has_a_table_of_its_own():
+    records = [record("vae_cat", "gumbel_softmax", 0, 100.0), record("sbn_cat", "rloo", 0, 95.4, epoch=97, parts=2)]
+    table = campaign.table_markdown(records)
+    assert "RLOO" not in table.split("\n\n")[1]  # not in the paper's grid
+    assert table.splitlines()[-1] == "| SBN (Cat.) | RLOO | 95.40 (0) | 97 | 0.003 | 50000 | 20.0 min | 2 parts |"
+    assert "RLOO" not in campaign.table_markdown(records[:1])
+
+
+def test_every_committed_record_ran_the_papers_length():
+    for path in (ROOT / "docs" / "reproduction" / "full").rglob("*.json"):
+        assert json.loads(path.read_text())["global_step"] == 50000, path
 
 
 def test_the_page_shows_the_table_the_committed_records_give():
