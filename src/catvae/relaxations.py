@@ -78,23 +78,36 @@ def sample_categorical_by_inversion(logits: Tensor, sample_shape: tuple[int, ...
     The classes are moved to the leading dim first, because torch's CPU reductions over a short last dim
     (K = 2 in a sigmoid belief net) are several times slower than over a leading one. F_K = 1 exactly (a
     float divided by itself), and a class of probability 0 repeats its predecessor's F, so it is never drawn.
-    For K = 2, F_1 = sigmoid(l_1 - l_2) directly, without the softmax and the sums (docs/performance.md).
+    For K = 2, F_1 = sigmoid(l_1 - l_2) directly, without the softmax and the sums
+    (:func:`sample_two_classes_by_inversion`; docs/performance.md).
     """
     with torch.no_grad():
         n_classes, batch_shape = logits.shape[-1], logits.shape[:-1]
         if n_classes == 2:
-            first_cdf = torch.sigmoid(logits[..., 0].float() - logits[..., 1].float())  # (...)
-            u = torch.rand(tuple(sample_shape) + tuple(batch_shape), device=logits.device, generator=generator)
-            one_hot = torch.empty(*u.shape, 2, dtype=logits.dtype, device=logits.device)
-            one_hot[..., 1] = first_cdf <= u
-            one_hot[..., 0] = 1 - one_hot[..., 1]
-            return one_hot
+            second = sample_two_classes_by_inversion(logits[..., 0].float() - logits[..., 1].float(), sample_shape,
+                                                     generator).to(logits.dtype)  # (*S, ...)
+            return torch.stack((1 - second, second), dim=-1)
         cdf = logits.float().movedim(-1, 0).contiguous().softmax(0).cumsum(0)  # (K, ...)
         cdf = (cdf[:-1] / cdf[-1:]).view(n_classes - 1, *(1,) * len(sample_shape), *batch_shape)
         u = torch.rand(tuple(sample_shape) + tuple(batch_shape), device=logits.device, generator=generator)
         index = (cdf <= u).sum(0)  # (*S, ...)
         classes = torch.arange(n_classes, device=logits.device)
         return (index.unsqueeze(-1) == classes).to(logits.dtype)
+
+
+def sample_two_classes_by_inversion(logit_difference: Tensor, sample_shape: tuple[int, ...] = (),
+                                    generator: torch.Generator | None = None) -> Tensor:
+    """Indicators b = [sigmoid(d) <= u] of the second class of K = 2, from d = l_1 - l_2 and u ~ U[0, 1):
+    P(b = 1) = 1 - sigmoid(d) = p_2. Shape (*sample_shape, ...), float 0/1, no gradient.
+
+    :func:`sample_categorical_by_inversion` draws K = 2 through it, with the same uniforms, so a model that
+    evaluates on indicators instead of one-hot pairs (:class:`catvae.models.sbn.StructuredPredictionSBN`)
+    gets the one-hot path's draws.
+    """
+    with torch.no_grad():
+        first_cdf = torch.sigmoid(logit_difference.float())  # (...)
+        u = torch.rand(tuple(sample_shape) + tuple(first_cdf.shape), device=first_cdf.device, generator=generator)
+        return (first_cdf <= u).float()
 
 
 def straight_through(hard: Tensor, soft: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ Predict the lower half of a binarized digit from its upper half through L stocha
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from catvae.evaluation import negative_log_mean_weight
 from catvae.models.networks import mlp
 from catvae.models.stepped import SteppedModule
 from catvae.models.optim import OptimizerFactory, estimator_parameter_groups
-from catvae.relaxations import sample_categorical_by_inversion
+from catvae.relaxations import sample_categorical_by_inversion, sample_two_classes_by_inversion
 from catvae.step_logging import written_this_step
 from catvae.validation import check_integer, check_sizes
 
@@ -31,6 +31,39 @@ def value_with_gradient_of(estimate: Estimate) -> Tensor:
     estimates through f.
     """
     return estimate.surrogate + (estimate.loss - estimate.surrogate).detach()
+
+
+def bernoulli_nll(x_logits: Tensor, x: Tensor) -> Tensor:
+    """-log Bernoulli(x; sigmoid(x_logits)) summed over the last dim; x broadcastable to x_logits."""
+    return F.binary_cross_entropy_with_logits(x_logits, x.expand_as(x_logits), reduction="none").sum(-1)
+
+
+def fold_two_class_input(linear: nn.Linear) -> nn.Linear:
+    """The layer on indicators b (..., N) that equals ``linear`` on one-hot pairs h_n = (1 - b_n, b_n)
+    flattened to (..., 2N): W h + c = sum_n (W_:,2n+1 - W_:,2n) b_n + (c + sum_n W_:,2n)."""
+    weight, bias = linear.weight, linear.bias
+    folded = nn.utils.skip_init(nn.Linear, weight.shape[1] // 2, weight.shape[0])  # no draws from the seed
+    folded.weight.data, folded.bias.data = weight[:, 1::2] - weight[:, 0::2], bias + weight[:, 0::2].sum(1)
+    return folded
+
+
+def fold_two_class_output(linear: nn.Linear) -> nn.Linear:
+    """The layer that writes the logit differences d_n = l_n,1 - l_n,2 of ``linear``'s logits (..., 2N) read
+    as (N, 2): rows 2n minus rows 2n+1 of W and c."""
+    weight, bias = linear.weight, linear.bias
+    folded = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0] // 2)
+    folded.weight.data, folded.bias.data = weight[0::2] - weight[1::2], bias[0::2] - bias[1::2]
+    return folded
+
+
+def fold_two_class_net(net: nn.Sequential, fold_input: bool, fold_output: bool) -> nn.Sequential:
+    """``net`` with its first Linear reading indicators and/or its last writing logit differences."""
+    layers = list(net)
+    if fold_input:
+        layers[0] = fold_two_class_input(layers[0])
+    if fold_output:
+        layers[-1] = fold_two_class_output(layers[-1])
+    return nn.Sequential(*layers)
 
 
 class StructuredPredictionSBN(SteppedModule):
@@ -48,7 +81,8 @@ class StructuredPredictionSBN(SteppedModule):
     -log p(x_lower | x_upper) that tightens as m grows.
 
     Notes: MuProp, which evaluates its objective at the mean-field point too, runs the layers below there
-    as well, with fresh noise and their baselines updated by that evaluation. The SBN has no closed-form term, so the estimators' ``encoder_scale`` is not needed.
+    as well, with fresh noise and their baselines updated by that evaluation. The SBN has no closed-form
+    term, so the estimators' ``encoder_scale`` is not needed.
     """
 
     def __init__(self, estimator: Estimator, optimizer: OptimizerFactory, image_shape: Sequence[int],
@@ -94,8 +128,7 @@ class StructuredPredictionSBN(SteppedModule):
 
     def lower_nll(self, h: Tensor, x_lower: Tensor) -> Tensor:
         """-log p(x_lower | h_L) for h (..., M, N, K), x_lower broadcastable to (..., M, D) -> (..., M)."""
-        x_logits = self.output(h.flatten(-2))  # (..., M, D)
-        return F.binary_cross_entropy_with_logits(x_logits, x_lower.expand_as(x_logits), reduction="none").sum(-1)
+        return bernoulli_nll(self.output(h.flatten(-2)), x_lower)  # (..., M)
 
     def estimate_from(self, layer: int, inputs: Tensor, x_lower: Tensor) -> Estimate:
         """The estimate of E[-log p(x_lower | h_L) | h_{layer-1} = inputs] by layers ``layer``..L.
@@ -117,27 +150,50 @@ class StructuredPredictionSBN(SteppedModule):
         estimate = self.layer_estimators[layer](self.layer_logits(layer, flat_inputs), objective, context=flat_inputs)
         return Estimate(loss=estimate.loss.view(lead), surrogate=estimate.surrogate.view(lead), z=estimate.z)
 
-    def sample_lower_log_likelihood(self, h1: Tensor, x_lower: Tensor) -> Tensor:
-        """log p(x_lower | h_L) for one ancestral draw h_2..h_L below each h1 (S, B, N, K) -> (S, B)."""
-        h = h1
-        for layer in range(1, len(self.layers)):
-            h = sample_categorical_by_inversion(self.layer_logits(layer, h.flatten(-2).flatten(0, -2)).view(h.shape))
-        return -self.lower_nll(h, x_lower)
-
     @torch.no_grad()
     def prediction_nll(self, images: Tensor, n_samples: int) -> Tensor:
         """-log (1/m) sum_i p(x_lower | h_i), h_i ~ p(h | x_upper) one-hot, per example (B,).
 
         The weights are p(x_lower | h_L) of ancestral draws (the importance-weighted bound with the prior
-        p(h_1 | x_upper) as its own proposal, whose log-probabilities cancel).
+        p(h_1 | x_upper) as its own proposal, whose log-probabilities cancel), drawn by
+        :meth:`two_class_log_weights` for K = 2 and :meth:`one_hot_log_weights` otherwise.
         """
         x_upper, x_lower = self.halves(images)
+        draw = self.two_class_log_weights if self.n_classes == 2 else self.one_hot_log_weights
+        return negative_log_mean_weight(draw(x_upper, x_lower), n_samples, self.chunk_size)
+
+    def one_hot_log_weights(self, x_upper: Tensor, x_lower: Tensor) -> Callable[[int], Tensor]:
+        """size -> log p(x_lower | h_L) (size, B) for ``size`` ancestral one-hot draws h ~ p(h | x_upper)."""
         logits = self.layer_logits(0, x_upper)  # (B, N, K)
 
-        def draw_log_weights(size: int) -> Tensor:
-            return self.sample_lower_log_likelihood(sample_categorical_by_inversion(logits, (size,)), x_lower)
+        def draw(size: int) -> Tensor:
+            h = sample_categorical_by_inversion(logits, (size,))  # (size, B, N, K)
+            for layer in range(1, len(self.layers)):
+                logits_below = self.layer_logits(layer, h.flatten(-2).flatten(0, -2)).view(h.shape)
+                h = sample_categorical_by_inversion(logits_below)
+            return -self.lower_nll(h, x_lower)
 
-        return negative_log_mean_weight(draw_log_weights, n_samples, self.chunk_size)
+        return draw
+
+    def two_class_log_weights(self, x_upper: Tensor, x_lower: Tensor) -> Callable[[int], Tensor]:
+        """:meth:`one_hot_log_weights` for K = 2 on indicators b (size, B, N) of the second class.
+
+        Each net is folded (:func:`fold_two_class_net`) to read b instead of the one-hot pairs and to write
+        the logit differences d = l_1 - l_2 instead of both logits, which halves the output layer's matrix
+        product and quarters the middle layers'. The uniforms are drawn in the one-hot path's order, so
+        both paths make the same draws up to the rounding of d (tests/test_sbn.py).
+        """
+        nets = [fold_two_class_net(net, fold_input=i > 0, fold_output=True) for i, net in enumerate(self.layers)]
+        output = fold_two_class_net(self.output, fold_input=True, fold_output=False)
+        first = nets[0](x_upper)  # (B, N)
+
+        def draw(size: int) -> Tensor:
+            b = sample_two_classes_by_inversion(first, (size,))  # (size, B, N)
+            for net in nets[1:]:
+                b = sample_two_classes_by_inversion(net(b))
+            return -bernoulli_nll(output(b), x_lower)
+
+        return draw
 
     # ----- Lightning hooks -----
     def training_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
