@@ -16,10 +16,10 @@ from conftest import all_one_hot, compose_config
 N_VARS, N_CLASSES, IMAGE = 2, 3, (1, 4, 3)  # 9 configurations per layer, upper/lower halves of 6 pixels
 
 
-def make_sbn(estimator, seed=1, **kwargs) -> StructuredPredictionSBN:
+def make_sbn(estimator, seed=1, n_vars=N_VARS, n_classes=N_CLASSES, **kwargs) -> StructuredPredictionSBN:
     torch.manual_seed(seed)
-    return StructuredPredictionSBN(estimator, torch.optim.SGD, image_shape=IMAGE, **{
-        "n_vars": N_VARS, "n_classes": N_CLASSES, **kwargs})
+    return StructuredPredictionSBN(estimator, torch.optim.SGD, image_shape=IMAGE, n_vars=n_vars,
+                                   n_classes=n_classes, **kwargs)
 
 
 @pytest.fixture(scope="module")
