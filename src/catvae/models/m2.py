@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from catvae.estimators import Estimate, Estimator
+from catvae.models.networks import bernoulli_nll
 from catvae.models.stepped import SteppedModule
 from catvae.models.optim import OptimizerFactory, estimator_parameter_groups
 from catvae.models.vae import CategoricalVAE
@@ -152,7 +153,7 @@ class SemiSupervisedM2(SteppedModule):
         mean, log_var = stats.chunk(2, dim=-1)  # (..., B, Z) each
         z = self.reparameterize(mean, log_var)
         x_logits = self.decoder(torch.cat([y, z], dim=-1))  # (..., B, D)
-        recon = F.binary_cross_entropy_with_logits(x_logits, x.expand_as(x_logits), reduction="none").sum(-1)
+        recon = bernoulli_nll(x_logits, x)
         kl_z = 0.5 * (mean.square() + log_var.exp() - 1 - log_var).sum(-1)  # (..., B)
         return recon + kl_z
 

@@ -10,12 +10,11 @@ import copy
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from catvae.estimators import Estimate, Estimator
 from catvae.evaluation import negative_log_mean_weight
-from catvae.models.networks import mlp
+from catvae.models.networks import bernoulli_nll, mlp
 from catvae.models.stepped import SteppedModule
 from catvae.models.optim import OptimizerFactory, estimator_parameter_groups
 from catvae.relaxations import sample_categorical_by_inversion, sample_two_classes_by_inversion
@@ -31,11 +30,6 @@ def value_with_gradient_of(estimate: Estimate) -> Tensor:
     estimates through f.
     """
     return estimate.surrogate + (estimate.loss - estimate.surrogate).detach()
-
-
-def bernoulli_nll(x_logits: Tensor, x: Tensor) -> Tensor:
-    """-log Bernoulli(x; sigmoid(x_logits)) summed over the last dim; x broadcastable to x_logits."""
-    return F.binary_cross_entropy_with_logits(x_logits, x.expand_as(x_logits), reduction="none").sum(-1)
 
 
 def fold_two_class_input(linear: nn.Linear) -> nn.Linear:

@@ -6,12 +6,11 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from catvae.estimators import Estimate, Estimator
 from catvae.evaluation import importance_weighted_nll
-from catvae.models.networks import mlp
+from catvae.models.networks import bernoulli_nll, mlp
 from catvae.models.stepped import SteppedModule
 from catvae.models.optim import OptimizerFactory, estimator_parameter_groups
 from catvae.relaxations import categorical_log_prob, kl_to_uniform, sample_categorical
@@ -69,8 +68,7 @@ class CategoricalVAE(SteppedModule):
 
     def reconstruction_nll(self, x: Tensor, z: Tensor) -> Tensor:
         """-log p(x|z) = sum_d BCE(dec(z)_d, x_d) for x (B, D), z (..., B, N, K) -> (..., B)."""
-        x_logits = self.decode(z)  # (..., B, D)
-        return F.binary_cross_entropy_with_logits(x_logits, x.expand_as(x_logits), reduction="none").sum(-1)
+        return bernoulli_nll(self.decode(z), x)  # (..., B)
 
     def log_prior(self) -> float:
         """log p(z) = -N log K for every one-hot z under the uniform prior."""
