@@ -3,6 +3,7 @@ checked against the expectation over every configuration of both layers, and its
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from catvae.estimators import Exact, GumbelSoftmax, Reinforce, RLOO, StraightThrough
 from catvae.models.sbn import StructuredPredictionSBN
 from catvae.run import run
-from conftest import all_one_hot, compose_config
+from conftest import ROOT, all_one_hot, compose_config
 
 N_VARS, N_CLASSES, IMAGE = 2, 3, (1, 4, 3)  # 9 configurations per layer, upper/lower halves of 6 pixels
 
@@ -165,3 +166,22 @@ def test_table1_sbn_row_trains_every_kind_of_column(column, tmp_path):
     assert math.isfinite(results["metrics"]["test/nll"]) and results["global_step"] == 2 * (512 // 32)
     if column == "annealed_st":  # the column's slope schedule replaces the row's constant temperature
         assert cfg.schedule._target_.endswith("LinearSlopeSchedule")
+
+
+def test_layer_gradient_script_splits_the_gradient_by_group_and_scores_directions(images):
+    """scripts/sbn_layer_gradients.py: with Exact every draw is the enumerated gradient of the batch mean, cut into
+    the groups layer0, layer1, output (in parameter order); cos_mean and cos_draw are 1 on it, -1 on its negative, and
+    its identical draws agree in both halves."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import sbn_layer_gradients
+
+    model = make_sbn(Exact())
+    draws = sbn_layer_gradients.draws(model, images, 2)
+    assert list(draws) == ["layer0", "layer1", "output"]
+    exact = flat_grad(expected_loss(model, images) / len(images), model).double()  # the batch mean
+    torch.testing.assert_close(torch.cat([d[0] for d in draws.values()]), exact, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(draws["layer1"][0], draws["layer1"][1])
+    scores = sbn_layer_gradients.cosines(draws["layer0"], draws["layer0"][0])
+    assert scores == pytest.approx({"cos_mean": 1.0, "cos_draw": 1.0, "cos_halves": 1.0})
+    assert sbn_layer_gradients.cosines(-draws["output"], draws["output"][0]) == pytest.approx(
+        {"cos_mean": -1.0, "cos_draw": -1.0, "cos_halves": 1.0})
