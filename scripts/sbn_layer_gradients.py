@@ -32,14 +32,14 @@ from catvae.relaxations import sample_categorical
 CONF = Path(__file__).resolve().parents[1] / "conf" / "estimator"
 
 
-def build(run_cfg, estimator_name: str, state: dict, reference_samples: int):
+def build(run_cfg, estimator_name: str, state: dict, reference_samples: int, image_shape: list[int]):
     """The run's SBN with ``estimator_name``'s estimator and the checkpoint's nets, in eval mode (the
     estimators' running statistics are read, never updated, so every draw sees the same parameters); RLOO
     takes ``reference_samples`` samples per layer."""
     estimator_cfg = OmegaConf.load(CONF / f"{estimator_name}.yaml")
     if estimator_name == "rloo":
         estimator_cfg.n_samples = reference_samples
-    model = instantiate(run_cfg.model, estimator=instantiate(estimator_cfg), image_shape=[1, 28, 28])
+    model = instantiate(run_cfg.model, estimator=instantiate(estimator_cfg), image_shape=image_shape)
     nets = {k: v for k, v in state.items() if not k.startswith("layer_estimators.")}
     missing, unexpected = model.load_state_dict(nets, strict=False)
     if [k for k in missing if not k.startswith("layer_estimators.")] or unexpected:
@@ -59,6 +59,7 @@ def warm_up(model, images: torch.Tensor, n_batches: int, batch: int, generator: 
 
 
 def groups(model) -> dict[str, list[torch.nn.Parameter]]:
+    """The parameters of each stochastic layer's net (layer0, layer1, ...) and of the output net."""
     named = {f"layer{i}": list(net.parameters()) for i, net in enumerate(model.layers)}
     named["output"] = list(model.output.parameters())
     return named
@@ -127,18 +128,20 @@ def main() -> None:
     batch = images[torch.randperm(len(images), generator=generator)[:args.batch]]
 
     torch.manual_seed(args.seed)
-    reference = draws(build(run_cfg, "rloo", state, args.reference_samples), batch, args.reference_draws)
+    image_shape = list(data.image_shape)
+    reference_model = build(run_cfg, "rloo", state, args.reference_samples, image_shape)
+    reference = draws(reference_model, batch, args.reference_draws)
     results = {"run": str(args.run), "checkpoint": args.checkpoint, "draws": args.draws,
                "reference_draws": args.reference_draws, "reference_samples": args.reference_samples,
                "batch": args.batch, "warmup": args.warmup, "seed": args.seed, "groups": {}}
     if run_cfg.model.n_classes == 2:
-        results["distance_from_half"] = distance_from_half(build(run_cfg, "rloo", state, 2), batch)
+        results["distance_from_half"] = distance_from_half(reference_model, batch)
     for name, ref in reference.items():
         results["groups"][name] = {"reference_norm": ref.mean(0).norm().item(),
                                    "reference_halves": cosines(ref, ref.mean(0))["cos_halves"]}
     for estimator_name in args.estimators.split(","):
-        model = warm_up(build(run_cfg, estimator_name, state, args.reference_samples), images, args.warmup,
-                        args.batch, generator)
+        model = warm_up(build(run_cfg, estimator_name, state, args.reference_samples, image_shape), images,
+                        args.warmup, args.batch, generator)
         sample = draws(model, batch, args.draws)
         for name, ref in reference.items():
             results["groups"][name][estimator_name] = cosines(sample[name], ref.mean(0))
