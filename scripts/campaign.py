@@ -16,10 +16,11 @@ JSON record per finished run, and the table built from the records alone.
   doubled.
 - :func:`write_record` writes ``<records>/<row>/<column>/<name>.json`` once a job's last part has finished: the
   overrides, the rate, the commits its parts ran on, the global step, every test metric, the validation curve (one
-  value per epoch, across parts), the best validation value and its epoch, wall time, threads, and the parts it was
-  resumed through.
+  value per epoch, across parts), the best validation value and its epoch, wall time, threads, the parts it was
+  resumed through, and each part's commit, machine, start, wall time and the step it started from (``part_log``).
 - :func:`table_markdown` builds the table from the records only: mean +- std (ddof=1) over seeds beside the paper's
-  number, per-seed values, the rate and the wall time; the modern columns' records in a table of their own.
+  number, per-seed values, the rate and the wall time; the sensitivity runs (against seed 0 at the selected rate)
+  and the modern columns in tables of their own.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from reproduce_jang2017 import COLUMNS, ROOT, ROWS, TABLE1_COLUMNS
 
 sys.path.insert(0, str(ROOT / "src"))
-from catvae.resume import resolve_resume  # noqa: E402
+from catvae.resume import checkpoint_step, resolve_resume  # noqa: E402
 from catvae.sweep import process_start, read_status, run_state  # noqa: E402
 
 FULL_ROWS = ("vae_cat", "vae_bern", "sbn_bern", "sbn_cat")  # the campaign's order
@@ -180,7 +182,7 @@ class Campaign:
         self.processes[job.key] = process
         (part / "campaign.json").write_text(json.dumps(
             {"commit": self.commit, "started": started, "command": command, "threads": 1, "pid": process.pid,
-             "device": device_description(),
+             "device": device_description(), "start_step": checkpoint_step(resume) if resume else 0,
              "host": socket.gethostname(), "process_start": process_start(process.pid)}, indent=2) + "\n")
         print(f"[campaign] {job.key}: started {part.name}" + (f", resuming {resume}" if resume else ""), flush=True)
 
@@ -241,6 +243,19 @@ def part_wall_time(part: Path) -> float:
     return max(0.0, last - started)
 
 
+def part_summary(part: Path, launch: dict) -> dict:
+    """One part as it ran: its commit, machine, start (UTC), wall time and the global step it started from (0 for a
+    fresh run, else its resume checkpoint's; None for a launch that predates the field whose checkpoint is gone)."""
+    resume = next((o.removeprefix("resume=") for o in launch["command"] if o.startswith("resume=")), None)
+    if "start_step" in launch:
+        step = launch["start_step"]
+    else:
+        step = 0 if resume is None else checkpoint_step(Path(resume)) if Path(resume).is_file() else None
+    return {"part": part.name, "commit": launch["commit"], "device": launch.get("device"),
+            "started": datetime.fromtimestamp(launch["started"], timezone.utc).isoformat(timespec="seconds"),
+            "wall_time_s": round(part_wall_time(part), 1), "start_step": step}
+
+
 def write_record(job: Job, job_dir: Path, path: Path) -> dict:
     parts = parts_of(job_dir)
     results = json.loads((parts[-1] / "results.json").read_text())
@@ -264,6 +279,7 @@ def write_record(job: Job, job_dir: Path, path: Path) -> dict:
         "parts": len(parts), "resumed": len(parts) > 1,
         "resumed_from": [str(Path(p).relative_to(job_dir.parent.parent.parent)) for p in results.get("chain", [])]
         if results.get("chain") else [],
+        "part_log": [part_summary(p, launch) for p, launch in zip(parts, launches)],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
@@ -281,7 +297,12 @@ def write_table_into(page: Path, table: str) -> None:
 
 
 def load_records(records: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(records.glob("*/*/seed*.json"))]
+    return [json.loads(p.read_text()) for p in sorted(records.glob("*/*/*.json"))]
+
+
+def is_sensitivity_run(record: dict) -> bool:
+    """A sensitivity run: seed 0 of a cell at the other rate ``SENSITIVITY`` names for it."""
+    return (record["row"], record["column"], record["lr"]) in set(SENSITIVITY)
 
 
 def cell(values: list[float]) -> tuple[float, float | None]:
@@ -294,8 +315,22 @@ def format_mean(values: list[float]) -> str:
     return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
 
+def resumed_how(record: dict) -> str:
+    """"2 parts", with the steps the later parts resumed at where the record has them ("2 parts, at step 14,000")."""
+    steps = [p["start_step"] for p in record.get("part_log", [])[1:]]
+    at = f", at step {' and '.join(f'{s:,}' for s in steps)}" if steps and None not in steps else ""
+    return f"{record['parts']} parts{at}"
+
+
+def best_validation(record: dict) -> str:
+    return f"{record['best_validation']['value']:.2f} ({record['best_validation']['epoch']})"
+
+
 def table_markdown(records: list[dict]) -> str:
-    """Table 1 from the records: the grid (ours mean ± std over seeds, the paper's number), then one line per cell."""
+    """Table 1 from the records: the grid (ours mean ± std over seeds, the paper's number), then one line per cell;
+    the sensitivity runs and the modern columns each in a table of their own."""
+    checks = [r for r in records if is_sensitivity_run(r)]
+    records = [r for r in records if not is_sensitivity_run(r)]
     by_cell: dict[tuple[str, str], list[dict]] = {}
     for record in records:
         by_cell.setdefault((record["row"], record["column"]), []).append(record)
@@ -323,16 +358,30 @@ def table_markdown(records: list[dict]) -> str:
             rates = ", ".join(sorted({f"{r['lr']:g}" for r in found}))
             steps = ", ".join(sorted({str(r["global_step"]) for r in found}))
             minutes = statistics.fmean(r["wall_time_s"] for r in found) / 60
-            resumed = ", ".join(f"seed {r['seed']} ({r['parts']} parts)" for r in found if r["resumed"]) or "-"
+            resumed = ", ".join(f"seed {r['seed']} ({resumed_how(r)})" for r in found if r["resumed"]) or "-"
             lines.append(f"| {ROWS[row].label} | {COLUMNS[column][1]} | {ROWS[row].paper[column][0]} | "
                          f"{format_mean(values)} | {seeds} | {rates} | {steps} | {minutes:.1f} min | {resumed} |")
+    if checks:
+        lines += ["", "Sensitivity: seed 0 at another rate against seed 0 at the selected one. The selection holds "
+                      "where the selected rate's best validation value (the selection criterion, lower is better) is "
+                      "the lower:", "",
+                  "| row | column | lr | test | best val. (epoch) | selected lr | test | best val. (epoch) | "
+                  "selection holds | wall time | resumed |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(checks, key=lambda r: (FULL_ROWS.index(r["row"]), TABLE1_COLUMNS.index(r["column"]))):
+            b = next((b for b in by_cell.get((r["row"], r["column"]), []) if b["seed"] == r["seed"]), None)
+            holds = b is not None and b["best_validation"]["value"] < r["best_validation"]["value"]
+            other = [f"{b['lr']:g}", f"{b['test'][b['metric']]:.2f}", best_validation(b), "yes" if holds else "no"
+                     ] if b else ["-"] * 4
+            lines.append(f"| {ROWS[r['row']].label} | {COLUMNS[r['column']][1]} | {r['lr']:g} | "
+                         f"{r['test'][r['metric']]:.2f} | {best_validation(r)} | " + " | ".join(other) +
+                         f" | {r['wall_time_s'] / 60:.1f} min | {resumed_how(r) if r['resumed'] else '-'} |")
     modern = [r for row in FULL_ROWS for r in records if r["row"] == row and r["column"] not in TABLE1_COLUMNS]
     if modern:
         lines += ["", "Columns the paper did not have, at full length (one seed, the short protocol's rate):", "",
                   "| row | column | test NLL (seed) | best val. epoch | lr | global step | wall time | resumed |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in modern:
-            resumed = f"{r['parts']} parts" if r["resumed"] else "-"
+            resumed = resumed_how(r) if r["resumed"] else "-"
             lines.append(f"| {ROWS[r['row']].label} | {COLUMNS[r['column']][1]} | {r['test'][r['metric']]:.2f} "
                          f"({r['seed']}) | {r['best_validation']['epoch']} | {r['lr']:g} | {r['global_step']} | "
                          f"{r['wall_time_s'] / 60:.1f} min | {resumed} |")

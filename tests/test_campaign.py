@@ -64,6 +64,8 @@ def test_a_killed_campaign_continues_exactly_and_loses_nothing(tmp_path):
         record = json.loads((records / f"{key}.json").read_text())
         clean = json.loads((tmp_path / "clean_records" / f"{key}.json").read_text())
         assert record["resumed"] and record["parts"] == 2 and record["resumed_from"] == [f"{key}/part0"]
+        first, second = record["part_log"]  # the second part starts at the checkpoint it resumed, mid-run
+        assert first["start_step"] == 0 and 0 < second["start_step"] < 24 and second["started"] > first["started"]
         for field in ("test", "global_step", "validation_curve", "best_validation", "overrides"):
             assert record[field] == clean[field], (key, field)
     for path in records.rglob("*.json"):
@@ -91,11 +93,11 @@ def test_past_its_launch_time_a_campaign_starts_nothing_and_stops(tmp_path):
     assert not campaign.parts_of(tmp_path / "campaign" / jobs[0].key)
 
 
-def record(row, column, seed, value, epoch=90, parts=1):
-    return {"row": row, "column": column, "seed": seed, "lr": 0.003, "global_step": 50000, "metric": "test/nll_iw",
+def record(row, column, seed, value, epoch=90, parts=1, lr=0.003, **fields):
+    return {"row": row, "column": column, "seed": seed, "lr": lr, "global_step": 50000, "metric": "test/nll_iw",
             "test": {"test/nll_iw": value}, "best_validation": {"metric": "val/nelbo", "value": value + 5,
                                                                   "epoch": epoch},
-            "wall_time_s": 1200.0 + 60 * seed, "parts": parts, "resumed": parts > 1}
+            "wall_time_s": 1200.0 + 60 * seed, "parts": parts, "resumed": parts > 1, **fields}
 
 
 def test_the_table_gives_mean_std_and_seeds_of_the_records():
@@ -164,3 +166,23 @@ def test_the_table_is_written_between_the_page_markers_and_nowhere_else(tmp_path
     page.write_text("# head\n<!-- full-table1 -->\nold table\n<!-- /full-table1 -->\ntail\n")
     campaign.write_table_into(page, "new table\n")
     assert page.read_text() == "# head\n<!-- full-table1 -->\nnew table\n<!-- /full-table1 -->\ntail\n"
+
+
+def test_a_resumed_record_with_a_part_log_names_the_steps_it_resumed_at():
+    log = [{"start_step": 0}, {"start_step": 14000}, {"start_step": 30500}]
+    (detail,) = [line for line in campaign.table_markdown([record("vae_cat", "st", 1, 110.0, parts=3, part_log=log)])
+                 .splitlines() if line.startswith("| VAE (Cat.) | ST |")]
+    assert detail.endswith("| seed 1 (3 parts, at step 14,000 and 30,500) |")
+
+
+def test_a_sensitivity_run_is_set_against_seed_0_at_the_selected_rate():
+    selected = [record("vae_cat", "sf", seed, 126.0 + seed, lr=1e-3) for seed in (0, 1, 2)]
+    worse = record("vae_cat", "sf", 0, 127.5, epoch=97, lr=3e-4)  # best validation 132.5 against the selected 131.0
+    better = record("vae_cat", "gumbel_softmax", 0, 90.0, lr=1e-3)
+    table = campaign.table_markdown([*selected, worse, better, record("vae_cat", "gumbel_softmax", 0, 93.0)])
+    assert "| 127.0 ± 1.0 (110.6) |" in table  # the sensitivity run stays out of the cell's mean
+    lines = table.splitlines()
+    assert ("| VAE (Cat.) | Gumbel-S. | 0.001 | 90.00 | 95.00 (90) | 0.003 | 93.00 | 98.00 (90) | no | 20.0 min | - |"
+            in lines)
+    assert ("| VAE (Cat.) | SF | 0.0003 | 127.50 | 132.50 (97) | 0.001 | 126.00 | 131.00 (90) | yes | 20.0 min | - |"
+            in lines)

@@ -334,6 +334,11 @@ def readable_checkpoint(path: Path) -> bool:
     return isinstance(checkpoint, dict) and "state_dict" in checkpoint and "loops" in checkpoint
 
 
+def checkpoint_step(path: Path) -> int:
+    """The global step a checkpoint was written at."""
+    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+
+
 def resolve_resume(resume: str) -> Path | None:
     """The checkpoint to resume from: ``resume`` is a .ckpt file, or a run directory (or its checkpoints/),
     where the newest checkpoint is used, or, if it is corrupt, the newest readable one (with a warning). None for a run
