@@ -16,8 +16,9 @@ JSON record per finished run, and the table built from the records alone.
   doubled.
 - :func:`write_record` writes ``<records>/<row>/<column>/<name>.json`` once a job's last part has finished: the
   overrides, the rate, the commits its parts ran on, the global step, every test metric, the validation curve (one
-  value per epoch, across parts), the best validation value and its epoch, wall time, threads, the parts it was
-  resumed through, and each part's commit, machine, start, wall time and the step it started from (``part_log``).
+  value per epoch, across parts) and the training loss's (its epoch means), the best validation value and its
+  epoch, wall time, threads, the parts it was resumed through, and each part's commit, machine, start, wall time
+  and the step it started from (``part_log``).
 - :func:`table_markdown` builds the table from the records only: mean +- std (ddof=1) over seeds beside the paper's
   number, per-seed values, the rate and the wall time; the sensitivity runs (against seed 0 at the selected rate)
   and the modern columns in tables of their own.
@@ -224,16 +225,32 @@ class Campaign:
         return {state: states.count(state) for state in sorted(set(states))}
 
 
-def validation_curve(parts: list[Path], monitor: str) -> dict[int, float]:
-    """epoch -> the monitored validation value, from the parts' metrics (a later part's row wins: a resumed part
-    repeats what its predecessor logged after its checkpoint, with the same values)."""
-    curve: dict[int, float] = {}
+def logged_rows(parts: list[Path], key: str) -> list[dict]:
+    """The parts' metrics rows that hold ``key``, in order (a resumed part repeats what its predecessor logged after
+    its checkpoint, with the same values, so a later part's row for the same step may stand for both)."""
+    rows = []
     for part in parts:
         path = part / "csv" / "metrics.csv"
         if path.is_file():
             with path.open() as handle:
-                curve.update({int(r["epoch"]): float(r[monitor]) for r in csv.DictReader(handle) if r.get(monitor)})
+                rows += [r for r in csv.DictReader(handle) if r.get(key)]
+    return rows
+
+
+def validation_curve(parts: list[Path], monitor: str) -> dict[int, float]:
+    """epoch -> the monitored validation value, from the parts' metrics (a later part's row wins)."""
+    curve = {int(r["epoch"]): float(r[monitor]) for r in logged_rows(parts, monitor)}
     return dict(sorted(curve.items()))
+
+
+def training_loss_curve(parts: list[Path]) -> dict[int, float]:
+    """epoch -> the mean of the one-sample training losses logged in it (one every ``log_every_n_steps``), each step
+    once (a later part's row wins)."""
+    by_step = {int(r["step"]): (int(r["epoch"]), float(r["train/loss"])) for r in logged_rows(parts, "train/loss")}
+    by_epoch: dict[int, list[float]] = {}
+    for epoch, loss in by_step.values():
+        by_epoch.setdefault(epoch, []).append(loss)
+    return {epoch: statistics.fmean(losses) for epoch, losses in sorted(by_epoch.items())}
 
 
 def part_wall_time(part: Path) -> float:
@@ -272,6 +289,7 @@ def write_record(job: Job, job_dir: Path, path: Path) -> dict:
         "test": results["metrics"], "metric": row.metrics[0].key,
         "best_validation": {"metric": row.val_metric, "value": curve.get(best_epoch), "epoch": best_epoch},
         "validation_curve": [curve[e] for e in sorted(curve)],
+        "training_loss_curve": list(training_loss_curve(parts).values()),
         "tested_checkpoint": Path(results["tested_checkpoint"]).name if results.get("tested_checkpoint") else None,
         "wall_time_s": round(sum(part_wall_time(p) for p in parts), 1), "threads": launches[-1]["threads"],
         # each part's machine (launch records before this field: this machine's)

@@ -186,3 +186,15 @@ def test_a_sensitivity_run_is_set_against_seed_0_at_the_selected_rate():
             in lines)
     assert ("| VAE (Cat.) | SF | 0.0003 | 127.50 | 132.50 (97) | 0.001 | 126.00 | 131.00 (90) | yes | 20.0 min | - |"
             in lines)
+
+
+def test_the_training_loss_curve_counts_each_step_once_across_parts(tmp_path):
+    """A resumed part re-logs the steps its predecessor logged after the checkpoint: each step counts once."""
+    header = "epoch,step,train/loss,val/nll\n"
+    first, second = tmp_path / "part0", tmp_path / "part1"
+    logged = {first: "0,1,10.0,\n0,3,8.0,\n0,3,,7.5\n1,5,6.0,\n", second: "1,5,6.0,\n1,7,4.0,\n1,7,,3.5\n"}
+    for part, rows in logged.items():
+        (part / "csv").mkdir(parents=True)
+        (part / "csv" / "metrics.csv").write_text(header + rows)
+    assert campaign.training_loss_curve([first, second]) == {0: 9.0, 1: 5.0}
+    assert campaign.validation_curve([first, second], "val/nll") == {0: 7.5, 1: 3.5}
