@@ -226,8 +226,9 @@ class Campaign:
 
 
 def logged_rows(parts: list[Path], key: str) -> list[dict]:
-    """The parts' metrics rows that hold ``key``, in order (a resumed part repeats what its predecessor logged after
-    its checkpoint, with the same values, so a later part's row for the same step may stand for both)."""
+    """The parts' metrics rows that hold ``key``, part by part. A resumed part logs again, with the same values, what
+    its predecessor logged after the checkpoint it resumed, so callers key the rows (by epoch, by step) and let a
+    later row replace an earlier one."""
     rows = []
     for part in parts:
         path = part / "csv" / "metrics.csv"
@@ -386,10 +387,10 @@ def table_markdown(records: list[dict]) -> str:
                   "| row | column | lr | test | best val. (epoch) | selected lr | test | best val. (epoch) | "
                   "selection holds | wall time | resumed |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(checks, key=lambda r: (FULL_ROWS.index(r["row"]), TABLE1_COLUMNS.index(r["column"]))):
-            b = next((b for b in by_cell.get((r["row"], r["column"]), []) if b["seed"] == r["seed"]), None)
-            holds = b is not None and b["best_validation"]["value"] < r["best_validation"]["value"]
-            other = [f"{b['lr']:g}", f"{b['test'][b['metric']]:.2f}", best_validation(b), "yes" if holds else "no"
-                     ] if b else ["-"] * 4
+            base = next((b for b in by_cell.get((r["row"], r["column"]), []) if b["seed"] == r["seed"]), None)
+            holds = base is not None and base["best_validation"]["value"] < r["best_validation"]["value"]
+            other = [f"{base['lr']:g}", f"{base['test'][base['metric']]:.2f}", best_validation(base),
+                     "yes" if holds else "no"] if base else ["-"] * 4
             lines.append(f"| {ROWS[r['row']].label} | {COLUMNS[r['column']][1]} | {r['lr']:g} | "
                          f"{r['test'][r['metric']]:.2f} | {best_validation(r)} | " + " | ".join(other) +
                          f" | {r['wall_time_s'] / 60:.1f} min | {resumed_how(r) if r['resumed'] else '-'} |")
