@@ -262,13 +262,10 @@ def part_wall_time(part: Path) -> float:
 
 
 def part_summary(part: Path, launch: dict) -> dict:
-    """One part as it ran: its commit, machine, start (UTC), wall time and the global step it started from (0 for a
-    fresh run, else its resume checkpoint's; None for a launch that predates the field whose checkpoint is gone)."""
-    resume = next((o.removeprefix("resume=") for o in launch["command"] if o.startswith("resume=")), None)
-    if "start_step" in launch:
-        step = launch["start_step"]
-    else:
-        step = 0 if resume is None else checkpoint_step(Path(resume)) if Path(resume).is_file() else None
+    """One part as it ran: its commit, machine, start (UTC), wall time and the global step it started from (its
+    launch's ``start_step``; for a launch that predates the field, 0 if it resumed nothing, else unknown: None)."""
+    resumed = any(o.startswith("resume=") for o in launch["command"])
+    step = launch.get("start_step", None if resumed else 0)
     return {"part": part.name, "commit": launch["commit"], "device": launch.get("device"),
             "started": datetime.fromtimestamp(launch["started"], timezone.utc).isoformat(timespec="seconds"),
             "wall_time_s": round(part_wall_time(part), 1), "start_step": step}
@@ -321,7 +318,7 @@ def load_records(records: Path) -> list[dict]:
 
 def is_sensitivity_run(record: dict) -> bool:
     """A sensitivity run: seed 0 of a cell at the other rate ``SENSITIVITY`` names for it."""
-    return (record["row"], record["column"], record["lr"]) in set(SENSITIVITY)
+    return (record["row"], record["column"], record["lr"]) in SENSITIVITY
 
 
 def cell(values: list[float]) -> tuple[float, float | None]:
