@@ -225,29 +225,29 @@ class Campaign:
         return {state: states.count(state) for state in sorted(set(states))}
 
 
-def logged_rows(parts: list[Path], key: str) -> list[dict]:
-    """The parts' metrics rows that hold ``key``, part by part. A resumed part logs again, with the same values, what
-    its predecessor logged after the checkpoint it resumed, so callers key the rows (by epoch, by step) and let a
-    later row replace an earlier one."""
+def metrics_rows(parts: list[Path]) -> list[dict]:
+    """Every metrics row the parts logged, part by part. A resumed part logs again, with the same values, what its
+    predecessor logged after the checkpoint it resumed, so callers key the rows (by epoch, by step) and let a later
+    row replace an earlier one."""
     rows = []
     for part in parts:
         path = part / "csv" / "metrics.csv"
         if path.is_file():
             with path.open() as handle:
-                rows += [r for r in csv.DictReader(handle) if r.get(key)]
+                rows += list(csv.DictReader(handle))
     return rows
 
 
-def validation_curve(parts: list[Path], monitor: str) -> dict[int, float]:
-    """epoch -> the monitored validation value, from the parts' metrics (a later part's row wins)."""
-    curve = {int(r["epoch"]): float(r[monitor]) for r in logged_rows(parts, monitor)}
+def validation_curve(rows: list[dict], monitor: str) -> dict[int, float]:
+    """epoch -> the monitored validation value, from the parts' metrics rows (a later part's row wins)."""
+    curve = {int(r["epoch"]): float(r[monitor]) for r in rows if r.get(monitor)}
     return dict(sorted(curve.items()))
 
 
-def training_loss_curve(parts: list[Path]) -> dict[int, float]:
+def training_loss_curve(rows: list[dict]) -> dict[int, float]:
     """epoch -> the mean of the one-sample training losses logged in it (one every ``log_every_n_steps``), each step
     once (a later part's row wins)."""
-    by_step = {int(r["step"]): (int(r["epoch"]), float(r["train/loss"])) for r in logged_rows(parts, "train/loss")}
+    by_step = {int(r["step"]): (int(r["epoch"]), float(r["train/loss"])) for r in rows if r.get("train/loss")}
     by_epoch: dict[int, list[float]] = {}
     for epoch, loss in by_step.values():
         by_epoch.setdefault(epoch, []).append(loss)
@@ -275,7 +275,8 @@ def write_record(job: Job, job_dir: Path, path: Path) -> dict:
     parts = parts_of(job_dir)
     results = json.loads((parts[-1] / "results.json").read_text())
     row = ROWS[job.row]
-    curve = validation_curve(parts, row.val_metric)
+    rows = metrics_rows(parts)
+    curve = validation_curve(rows, row.val_metric)
     best_epoch = min(curve, key=curve.get) if curve else None
     launches = [json.loads((p / "campaign.json").read_text()) for p in parts]
     this_device = device_description()
@@ -287,7 +288,7 @@ def write_record(job: Job, job_dir: Path, path: Path) -> dict:
         "test": results["metrics"], "metric": row.metrics[0].key,
         "best_validation": {"metric": row.val_metric, "value": curve.get(best_epoch), "epoch": best_epoch},
         "validation_curve": [curve[e] for e in sorted(curve)],
-        "training_loss_curve": list(training_loss_curve(parts).values()),
+        "training_loss_curve": list(training_loss_curve(rows).values()),
         "tested_checkpoint": Path(results["tested_checkpoint"]).name if results.get("tested_checkpoint") else None,
         "wall_time_s": round(sum(part_wall_time(p) for p in parts), 1), "threads": launches[-1]["threads"],
         # each part's machine (launch records before this field: this machine's)

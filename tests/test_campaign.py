@@ -196,5 +196,6 @@ def test_the_training_loss_curve_counts_each_step_once_across_parts(tmp_path):
     for part, rows in logged.items():
         (part / "csv").mkdir(parents=True)
         (part / "csv" / "metrics.csv").write_text(header + rows)
-    assert campaign.training_loss_curve([first, second]) == {0: 9.0, 1: 5.0}
-    assert campaign.validation_curve([first, second], "val/nll") == {0: 7.5, 1: 3.5}
+    rows = campaign.metrics_rows([first, second])
+    assert campaign.training_loss_curve(rows) == {0: 9.0, 1: 5.0}
+    assert campaign.validation_curve(rows, "val/nll") == {0: 7.5, 1: 3.5}
