@@ -4,8 +4,10 @@ JSON record per finished run, and the table built from the records alone.
 - The queue (:func:`table1_jobs`): rows VAE (Cat.), VAE (Bern.), SBN (Bern.), SBN (Cat.), in that order; in each, seeds
   0, 1, 2 of the paper's 7 columns; each run ``experiment=<row> protocol=full table1_column=<column>
   model.optimizer.lr=<rate>`` with the rate the short CPU protocol selected for that cell
-  (``docs/reproduction/table1_cpu.csv``); then the sensitivity runs (other rates, seed 0); then, one seed each, the
-  modern columns the short protocol ran (``table1_cpu_modern.csv``, ``table1_cpu_modern_2021.csv``) at its rate.
+  (``docs/reproduction/table1_cpu.csv``); then the sensitivity runs (other rates, seed 0); then the protocol
+  variants (a modern column again, seed 0, with the overrides its authors' method needs, ``VARIANTS``); then, one seed
+  each, the modern columns the short protocol ran (``table1_cpu_modern.csv``, ``table1_cpu_modern_2021.csv``) at its
+  rate.
 - :class:`Campaign` runs it ``n_jobs`` at a time, one thread each. A job's runs live in
   ``<campaign>/<row>/<column>/<name>/part<i>``: each part is one process; a part that was killed (its status says
   running, its process is gone) is continued by a new part with ``resume=`` the newest part holding a checkpoint
@@ -54,6 +56,11 @@ MODERN_RUNS = (ROOT / "docs" / "reproduction" / "table1_cpu_modern.csv",
                ROOT / "docs" / "reproduction" / "table1_cpu_modern_2021.csv")
 # Does the short protocol's rate hold at full length? One seed each at another rate.
 SENSITIVITY = (("vae_cat", "gumbel_softmax", 1e-3), ("vae_cat", "sf", 3e-4), ("sbn_bern", "gumbel_softmax", 1e-3))
+# Protocol variants, (row, column, name, overrides): seed 0 of a modern column at the short protocol's rate, again with
+# the overrides its authors' method needs where the row's protocol lies outside it. ReinMax: the VAE rows' schedule
+# takes tau below 1 from step 1,000 on (0.5 from step 7,000), and its authors' implementation refuses tau < 1; the
+# variant holds tau at estimator.tau = 1.
+VARIANTS = tuple((row, "reinmax", "tau1", ("schedule=constant",)) for row in ("vae_cat", "vae_bern"))
 MAX_FAILURES = 2  # a failed part is retried once
 
 
@@ -63,7 +70,8 @@ class Job:
     column: str
     seed: int
     lr: float
-    name: str  # seed<k> for the table's runs, lr<rate>_seed<k> for the sensitivity runs
+    name: str  # seed<k> for the table's runs, lr<rate>_seed<k> for the sensitivity runs, <variant>_seed<k>
+    extra: tuple[str, ...] = ()  # a protocol variant's overrides
 
     @property
     def key(self) -> str:
@@ -71,7 +79,7 @@ class Job:
 
     def overrides(self) -> list[str]:
         return [f"experiment={ROWS[self.row].experiment}", "protocol=full", f"table1_column={self.column}",
-                f"model.optimizer.lr={self.lr:g}", f"seed={self.seed}", "logger=csv"]
+                f"model.optimizer.lr={self.lr:g}", f"seed={self.seed}", "logger=csv", *self.extra]
 
 
 def selected_learning_rates(path: Path = CPU_SELECTION) -> dict[tuple[str, str], float]:
@@ -82,19 +90,22 @@ def selected_learning_rates(path: Path = CPU_SELECTION) -> dict[tuple[str, str],
             "model.optimizer.lr=")).split("=")[1]) for r in csv.DictReader(handle)}
 
 
-def table1_jobs(rows=FULL_ROWS, columns=TABLE1_COLUMNS, seeds=SEEDS, sensitivity=SENSITIVITY,
+def table1_jobs(rows=FULL_ROWS, columns=TABLE1_COLUMNS, seeds=SEEDS, sensitivity=SENSITIVITY, variants=VARIANTS,
                 modern=MODERN_RUNS) -> list[Job]:
-    """The paper's columns x seeds row by row, the sensitivity runs, then seed 0 of every (row, column) of the
-    ``modern`` CSVs, rows in the campaign's order."""
+    """The paper's columns x seeds row by row, the sensitivity runs, the protocol variants (at the rate of the first
+    ``modern`` CSV that ran their column), then seed 0 of every (row, column) of the ``modern`` CSVs, rows in the
+    campaign's order."""
     rates = selected_learning_rates()
     jobs = [Job(row, column, seed, rates[row, column], f"seed{seed}") for row in rows for seed in seeds
             for column in columns]
     jobs += [Job(row, column, 0, lr, f"lr{lr:g}_seed0") for row, column, lr in sensitivity
              if row in rows and column in columns]
-    for path in modern:
-        modern_rates = selected_learning_rates(path)
-        jobs += [Job(row, column, 0, modern_rates[row, column], "seed0") for row in rows
-                 for (rate_row, column) in modern_rates if rate_row == row]
+    modern_rates = [selected_learning_rates(path) for path in modern]
+    jobs += [Job(row, column, 0, next(r[row, column] for r in modern_rates if (row, column) in r), f"{name}_seed0",
+                 tuple(extra)) for row, column, name, extra in variants if row in rows]
+    for rates_of_csv in modern_rates:
+        jobs += [Job(row, column, 0, rates_of_csv[row, column], "seed0") for row in rows
+                 for (rate_row, column) in rates_of_csv if rate_row == row]
     return jobs
 
 
@@ -281,7 +292,7 @@ def write_record(job: Job, job_dir: Path, path: Path) -> dict:
     launches = [json.loads((p / "campaign.json").read_text()) for p in parts]
     this_device = device_description()
     record = {
-        "row": job.row, "column": job.column, "seed": job.seed, "lr": job.lr,
+        "row": job.row, "column": job.column, "seed": job.seed, "lr": job.lr, "variant": list(job.extra),
         "estimator": results["estimator"], "global_step": results["global_step"],
         "overrides": [o for o in launches[-1]["command"][2:] if not o.startswith(("hydra.run.dir=", "resume="))],
         "commits": sorted({launch["commit"] for launch in launches}),
@@ -345,9 +356,12 @@ def best_validation(record: dict) -> str:
 
 def table_markdown(records: list[dict]) -> str:
     """Table 1 from the records: the grid (ours mean ± std over seeds, the paper's number), then one line per cell;
-    the sensitivity runs and the modern columns each in a table of their own."""
+    the sensitivity runs in a table of their own, the modern columns and the protocol variants (records with a
+    ``variant``; records before that field have none) in another."""
     checks = [r for r in records if is_sensitivity_run(r)]
     records = [r for r in records if not is_sensitivity_run(r)]
+    variants = [r for r in records if r.get("variant")]
+    records = [r for r in records if not r.get("variant")]
     by_cell: dict[tuple[str, str], list[dict]] = {}
     for record in records:
         by_cell.setdefault((record["row"], record["column"]), []).append(record)
@@ -392,14 +406,17 @@ def table_markdown(records: list[dict]) -> str:
             lines.append(f"| {ROWS[r['row']].label} | {COLUMNS[r['column']][1]} | {r['lr']:g} | "
                          f"{r['test'][r['metric']]:.2f} | {best_validation(r)} | " + " | ".join(other) +
                          f" | {r['wall_time_s'] / 60:.1f} min | {resumed_how(r) if r['resumed'] else '-'} |")
-    modern = [r for row in FULL_ROWS for r in records if r["row"] == row and r["column"] not in TABLE1_COLUMNS]
+    modern = [r for row in FULL_ROWS for r in records + variants
+              if r["row"] == row and (r["column"] not in TABLE1_COLUMNS or r.get("variant"))]
     if modern:
-        lines += ["", "Columns the paper did not have, at full length (one seed, the short protocol's rate):", "",
-                  "| row | column | test NLL (seed) | best val. epoch | lr | global step | wall time | resumed |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in modern:
+        lines += ["", "Columns the paper did not have and protocol variants, at full length (one seed, the "
+                      "short protocol's rate; \"variant\": the overrides a variant adds to the row's protocol):", "",
+                  "| row | column | variant | test NLL (seed) | best val. epoch | lr | global step | wall time | "
+                  "resumed |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(modern, key=lambda r: (FULL_ROWS.index(r["row"]), r["column"], bool(r.get("variant")))):
             resumed = resumed_how(r) if r["resumed"] else "-"
-            lines.append(f"| {ROWS[r['row']].label} | {COLUMNS[r['column']][1]} | {r['test'][r['metric']]:.2f} "
+            lines.append(f"| {ROWS[r['row']].label} | {COLUMNS[r['column']][1]} | "
+                         f"{' '.join(r.get('variant', [])) or '-'} | {r['test'][r['metric']]:.2f} "
                          f"({r['seed']}) | {r['best_validation']['epoch']} | {r['lr']:g} | {r['global_step']} | "
                          f"{r['wall_time_s'] / 60:.1f} min | {resumed} |")
     return "\n".join(lines) + "\n"

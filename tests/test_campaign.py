@@ -19,7 +19,7 @@ import campaign  # noqa: E402
 # Tiny VAE (Cat.) runs: 3 epochs of 8 steps on synthetic data, a step checkpoint every 4 steps.
 TINY = ("data=synthetic", "data.batch_size=64", "model.hidden_sizes=[16]", "model.n_vars=3", "model.n_classes=3",
         "model.iw_samples=10", "trainer.max_epochs=3", "callbacks.step_checkpoint.every_n_train_steps=4")
-JOBS = "campaign.table1_jobs(['vae_cat'], ['gumbel_softmax', 'sf'], [0], sensitivity=(), modern=())"
+JOBS = "campaign.table1_jobs(['vae_cat'], ['gumbel_softmax', 'sf'], [0], sensitivity=(), variants=(), modern=())"
 
 
 def start_campaign(directory, records, *overrides):
@@ -76,7 +76,7 @@ def test_a_killed_campaign_continues_exactly_and_loses_nothing(tmp_path):
 
 
 def test_a_failing_run_is_retried_once_then_reported(tmp_path):
-    jobs = campaign.table1_jobs(["vae_cat"], ["gumbel_softmax"], [0], sensitivity=(), modern=())
+    jobs = campaign.table1_jobs(["vae_cat"], ["gumbel_softmax"], [0], sensitivity=(), variants=(), modern=())
     run = campaign.Campaign(jobs, tmp_path / "campaign", tmp_path / "records", 2, TINY + ("estimator.tau=-1",),
                             poll_s=0.2)
     assert run.run() == {"failed": 1}
@@ -86,7 +86,7 @@ def test_a_failing_run_is_retried_once_then_reported(tmp_path):
 
 
 def test_past_its_launch_time_a_campaign_starts_nothing_and_stops(tmp_path):
-    jobs = campaign.table1_jobs(["vae_cat"], ["gumbel_softmax"], [0], sensitivity=(), modern=())
+    jobs = campaign.table1_jobs(["vae_cat"], ["gumbel_softmax"], [0], sensitivity=(), variants=(), modern=())
     run = campaign.Campaign(jobs, tmp_path / "campaign", tmp_path / "records", 2, TINY, poll_s=0.2,
                             launch_until=time.time() - 1)
     assert run.run() == {"todo": 1}
@@ -113,14 +113,17 @@ def test_the_table_gives_mean_std_and_seeds_of_the_records():
                       "| 0.003 | 50000 | 21.0 min | seed 1 (3 parts) |")
 
 
-def test_the_queue_is_the_papers_columns_then_the_sensitivity_runs_then_the_modern_columns():
+def test_the_queue_is_the_papers_columns_then_the_sensitivity_runs_then_the_variants_then_the_modern_columns():
     import csv
 
     jobs = campaign.table1_jobs()
-    paper, sensitivity, modern = jobs[:84], jobs[84:87], jobs[87:]
+    paper, sensitivity, variants, modern = jobs[:84], jobs[84:87], jobs[87:89], jobs[89:]
     assert [(j.row, j.column, j.seed) for j in paper] == [(row, column, seed) for row in campaign.FULL_ROWS
                                                           for seed in (0, 1, 2) for column in campaign.TABLE1_COLUMNS]
     assert [j.name for j in sensitivity] == ["lr0.001_seed0", "lr0.0003_seed0", "lr0.001_seed0"]
+    assert [(j.row, j.column, j.name, j.lr) for j in variants] == [(row, "reinmax", "tau1_seed0", 3e-3)
+                                                                   for row in ("vae_cat", "vae_bern")]
+    assert all(j.overrides()[-1] == "schedule=constant" and j.key.endswith("/reinmax/tau1_seed0") for j in variants)
     ran = {}
     for path in campaign.MODERN_RUNS:
         with path.open() as handle:
@@ -137,8 +140,21 @@ def test_a_modern_columns_record_has_a_table_of_its_own():
     records = [record("vae_cat", "gumbel_softmax", 0, 100.0), record("sbn_cat", "rloo", 0, 95.4, epoch=97, parts=2)]
     table = campaign.table_markdown(records)
     assert "RLOO" not in table.split("\n\n")[1]  # not in the paper's grid
-    assert table.splitlines()[-1] == "| SBN (Cat.) | RLOO | 95.40 (0) | 97 | 0.003 | 50000 | 20.0 min | 2 parts |"
+    assert table.splitlines()[-1] == "| SBN (Cat.) | RLOO | - | 95.40 (0) | 97 | 0.003 | 50000 | 20.0 min | 2 parts |"
     assert "RLOO" not in campaign.table_markdown(records[:1])
+
+
+def test_a_protocol_variant_is_listed_with_its_overrides_and_stays_out_of_the_grid():
+    records = [record("vae_cat", "gumbel_softmax", 0, 100.0), record("vae_cat", "gumbel_softmax", 1, 102.0),
+               record("vae_cat", "gumbel_softmax", 0, 90.0, variant=["schedule=constant"]),
+               record("vae_cat", "reinmax", 0, 123.0, epoch=7),
+               record("vae_cat", "reinmax", 0, 95.0, variant=["schedule=constant", "model.n_vars=30"])]
+    table = campaign.table_markdown(records)
+    assert "| 101.0 ± 1.4 (101.5) |" in table.split("\n\n")[1]  # the grid holds seeds 0 and 1 only
+    assert table.splitlines()[-3:] == [
+        "| VAE (Cat.) | Gumbel-S. | schedule=constant | 90.00 (0) | 90 | 0.003 | 50000 | 20.0 min | - |",
+        "| VAE (Cat.) | ReinMax | - | 123.00 (0) | 7 | 0.003 | 50000 | 20.0 min | - |",
+        "| VAE (Cat.) | ReinMax | schedule=constant model.n_vars=30 | 95.00 (0) | 90 | 0.003 | 50000 | 20.0 min | - |"]
 
 
 def test_every_committed_record_ran_the_papers_length():

@@ -147,7 +147,8 @@ class ReinMax(TemperedStraightThrough):
         proxy = 2 pi_1 - pi_0 / 2,
 
     (sg = stop-gradient): the value of pi_1 is (D + softmax(logits/tau))/2 and its Jacobian is that of
-    a softmax at that point. Masked classes keep a zero proxy and a finite gradient.
+    a softmax at that point. Masked classes keep a zero proxy and a finite gradient. Its authors ask for
+    tau >= 1 (their implementation refuses less); a Gumbel-Softmax schedule that lowers tau leaves that range.
     """
 
     name = "reinmax"
