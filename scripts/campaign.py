@@ -406,8 +406,7 @@ def table_markdown(records: list[dict]) -> str:
             lines.append(f"| {ROWS[r['row']].label} | {COLUMNS[r['column']][1]} | {r['lr']:g} | "
                          f"{r['test'][r['metric']]:.2f} | {best_validation(r)} | " + " | ".join(other) +
                          f" | {r['wall_time_s'] / 60:.1f} min | {resumed_how(r) if r['resumed'] else '-'} |")
-    modern = [r for row in FULL_ROWS for r in records + variants
-              if r["row"] == row and (r["column"] not in TABLE1_COLUMNS or r.get("variant"))]
+    modern = [r for r in records if r["column"] not in TABLE1_COLUMNS] + variants
     if modern:
         lines += ["", "Columns the paper did not have and protocol variants, at full length (one seed, the "
                       "short protocol's rate; \"variant\": the overrides a variant adds to the row's protocol):", "",
