@@ -101,8 +101,13 @@ def table1_jobs(rows=FULL_ROWS, columns=TABLE1_COLUMNS, seeds=SEEDS, sensitivity
     jobs += [Job(row, column, 0, lr, f"lr{lr:g}_seed0") for row, column, lr in sensitivity
              if row in rows and column in columns]
     modern_rates = [selected_learning_rates(path) for path in modern]
-    jobs += [Job(row, column, 0, next(r[row, column] for r in modern_rates if (row, column) in r), f"{name}_seed0",
-                 tuple(extra)) for row, column, name, extra in variants if row in rows]
+    first_rate = {cell: rate for rates in reversed(modern_rates) for cell, rate in rates.items()}  # first CSV wins
+    for row, column, name, extra in variants:
+        if row in rows and (row, column) not in first_rate:
+            raise ValueError(f"protocol variant {name!r} of ({row}, {column}): no modern CSV ran that cell, so it has "
+                             f"no rate; cells with one: {sorted(first_rate)}")
+    jobs += [Job(row, column, 0, first_rate[row, column], f"{name}_seed0", tuple(extra))
+             for row, column, name, extra in variants if row in rows]
     for rates_of_csv in modern_rates:
         jobs += [Job(row, column, 0, rates_of_csv[row, column], "seed0") for row in rows
                  for (rate_row, column) in rates_of_csv if rate_row == row]

@@ -136,6 +136,11 @@ def test_the_queue_is_the_papers_columns_then_the_sensitivity_runs_then_the_vari
         assert order == sorted(order)
 
 
+def test_a_protocol_variant_of_a_cell_no_modern_csv_ran_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"protocol variant 'tau1' of \(vae_cat, reinmax\): no modern CSV ran"):
+        campaign.table1_jobs(["vae_cat"], modern=())
+
+
 def test_a_modern_columns_record_has_a_table_of_its_own():
     records = [record("vae_cat", "gumbel_softmax", 0, 100.0), record("sbn_cat", "rloo", 0, 95.4, epoch=97, parts=2)]
     table = campaign.table_markdown(records)
